@@ -1,0 +1,46 @@
+"""Nearest-neighbour search for the diagnostics: FAISS exact inner-product search.
+
+On L2-normalised rows, inner product = cosine similarity, so :func:`knn_search` returns cosine kNN.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+
+def knn_search(base: np.ndarray, queries: np.ndarray | None = None, *, k: int, exclude_self: bool | None = None,
+               batch_size: int = 16384) -> np.ndarray:
+    """Indices of the ``k`` most similar rows of ``base`` (N, d) for each query (Q, d); int64 (Q, k).
+
+    Exact search with ``faiss.IndexFlatIP`` on float32 copies. When ``queries`` is None the base is
+    queried against itself and, by default, each row's own index is excluded (``exclude_self``), which
+    also handles duplicate rows: the row itself is removed wherever it lands in the k+1 results.
+    Cost: O(Q * N * d) multiply-adds, done by FAISS's BLAS kernels in ``batch_size`` query blocks.
+    """
+    base32 = np.ascontiguousarray(base, dtype=np.float32)
+    self_query = queries is None
+    if exclude_self is None:
+        exclude_self = self_query
+    if exclude_self and not self_query:
+        raise ValueError("exclude_self needs queries=None (the base queried against itself)")
+    queries32 = base32 if self_query else np.ascontiguousarray(queries, dtype=np.float32)
+    limit = base32.shape[0] - (1 if exclude_self else 0)
+    if k < 1 or k > limit:
+        raise ValueError(f"k={k} needs 1 <= k <= {limit} (rows available{' besides self' if exclude_self else ''})")
+    index = faiss.IndexFlatIP(base32.shape[1])
+    index.add(base32)
+    fetch = k + 1 if exclude_self else k
+    out = np.empty((queries32.shape[0], k), dtype=np.int64)
+    for start in range(0, queries32.shape[0], batch_size):
+        _, idx = index.search(queries32[start : start + batch_size], fetch)
+        if exclude_self:
+            own = np.arange(start, start + idx.shape[0])[:, None]
+            is_self = idx == own
+            # drop the self hit if present, else the last (k+1-th) neighbour
+            drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), fetch - 1)
+            keep = np.ones_like(idx, dtype=bool)
+            keep[np.arange(idx.shape[0]), drop] = False
+            idx = idx[keep].reshape(idx.shape[0], k)
+        out[start : start + idx.shape[0]] = idx
+    return out
