@@ -157,3 +157,20 @@ def test_bad_inputs_are_named(rng):
     with pytest.raises(ValueError, match="text: row 0 has L2 norm"):
         gap_report(image=x, text=2 * x)
     assert gap_report(image=x, text=2 * x, normalize=True)["G_mu"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_query_sampling_scores_the_same_neighbourhoods_on_fewer_rows(rng):
+    from anisogen.geometry.method import sample_rows
+
+    n, d, k = 500, 8, 6
+    x = unit_rows(rng, n, d, shift=np.ones(d) * 0.5)
+    y = unit_rows(rng, n, d)
+    z = unit_rows(rng, n, d, shift=np.ones(d) * 0.2)
+    full = method_report(image=x, text=y, substitute=z, k=k, seed=3)
+    assert method_report(image=x, text=y, substitute=z, k=k, seed=3, max_queries=n)["Omega_k"] == full["Omega_k"]
+    part = method_report(image=x, text=y, substitute=z, k=k, seed=3, max_queries=120)
+    rows = sample_rows(n, 120, np.random.default_rng([3, 1]))
+    per_row = neighbour_overlap(knn_search(y, k=k), knn_search(z, k=k))
+    assert part["Omega_k"] == pytest.approx(per_row[rows].mean(), abs=1e-12)
+    assert part["Phi"] == full["Phi"] and part["A_r_T"] == full["A_r_T"]
+    assert part["M_k_Z"] == pytest.approx(full["M_k_Z"], abs=0.1)

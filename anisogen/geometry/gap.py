@@ -20,6 +20,11 @@ def subspace_overlap(basis_a: np.ndarray, basis_b: np.ndarray) -> float:
     return float(np.sum((basis_a.T @ basis_b) ** 2) / q)
 
 
+def covariance_gap(cov_a: np.ndarray, cov_b: np.ndarray, eps: float = 1e-12) -> float:
+    """G_Sigma = ||Sigma_a - Sigma_b||_F / (||Sigma_a||_F + eps) for two (d, d) covariances (a = reference)."""
+    return float(np.linalg.norm(cov_a - cov_b) / (np.linalg.norm(cov_a) + eps))
+
+
 def spectral_correlation(cov_a: np.ndarray, cov_b: np.ndarray) -> float:
     """C_lambda = Pearson corr of log eigenvalues (sorted descending) of two covariances.
 
@@ -87,7 +92,7 @@ def gap_report(*, image, text, q: int | None = None, subspace: np.ndarray | None
         "O_q": subspace_overlap(sorted_eigh(cov_x)[1][:, :q], sorted_eigh(cov_y)[1][:, :q]),
         "O_q_random": q / d,
         "G_mu": g_mu,
-        "G_Sigma": float(np.linalg.norm(cov_x - cov_y) / (np.linalg.norm(cov_x) + eps)),
+        "G_Sigma": covariance_gap(cov_x, cov_y, eps),
         "D_center": dist_center / n,
         "R_res": (dist_center / n) / (dist_raw / n + eps),
         "R_res_energy": trace_r / (g_mu**2 + trace_r + eps),
