@@ -16,6 +16,12 @@ with cos(phi) = gap / sqrt(2). Both are exactly unit norm. Samples come in antit
 the planted centroid gap ||mu_x - mu_y|| equals ``gap`` up to float rounding.
 The mean-corrected residual is r_i = sin(phi) (u_i - u'_i): isotropic over the d - 2 non-anchor
 directions when ``residual_rank = 0`` and ``content_decay = 0``, dominated by E otherwise.
+
+The residual planted by E is independent of the text: no text -> image map can remove it. The
+AnisoAlign paper's premise is a *structured* distortion of the shared geometry instead; ``gain`` and
+``gain_rank`` plant one (:func:`plant_gain`): the images' coordinates along the top ``gain_rank`` content
+directions are scaled by ``gain``, so the paired residual is dominated by those directions and is a
+function of the text, which an unpaired aligner can learn to undo.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ def make_paired_embeddings(
     residual_rank: int = 4,
     residual_strength: float = 1.0,
     noise: float = 0.3,
+    gain: float = 1.0,
+    gain_rank: int = 0,
     seed: int = 0,
 ) -> SyntheticPairs:
     """Generate ``n`` (even) paired unit embeddings in R^d with a planted gap (see module docstring).
@@ -86,6 +94,8 @@ def make_paired_embeddings(
         residual_rank: rank k of the image-only anisotropic residual (0 = none).
         residual_strength: norm scale of the residual relative to the unit-scale content.
         noise: norm scale of the isotropic noise added to both modalities.
+        gain, gain_rank: scale the images' top ``gain_rank`` content coordinates by ``gain`` (see
+            :func:`plant_gain`; ``gain_rank = 0`` plants nothing).
 
     ``truth`` holds ``G_mu``, ``cos_phi``, ``anchor_image``/``anchor_text`` (d,), ``content_basis``
     (d, content_rank) and ``residual_basis`` (d, residual_rank).
@@ -128,4 +138,26 @@ def make_paired_embeddings(
         "G_mu": float(gap), "cos_phi": float(cos_phi), "anchor_image": anchor_x, "anchor_text": anchor_y,
         "content_basis": content_basis, "residual_basis": residual_basis,
     }
-    return SyntheticPairs(image=image, text=text, truth=truth)
+    pairs = SyntheticPairs(image=image, text=text, truth=truth)
+    return plant_gain(pairs, gain, gain_rank) if gain_rank else pairs
+
+
+def plant_gain(pairs: SyntheticPairs, gain: float, k: int) -> SyntheticPairs:
+    """New pairs whose images carry an anisotropic gain on the top-``k`` content directions.
+
+    The non-anchor part u of every image becomes Norm(u + (gain - 1) P_k u), P_k the projector on the
+    first k content directions. Unit norms, the planted means (the map is odd in u, so antithetic pairs
+    stay antithetic) and the texts are unchanged. ``truth`` gains ``gain`` and ``gain_basis`` (d, k).
+    """
+    if gain <= 0:
+        raise ValueError(f"gain must be > 0, got {gain}")
+    basis = pairs.truth["content_basis"][:, :k]
+    if basis.shape[1] != k:
+        raise ValueError(f"k={k} exceeds the content rank {pairs.truth['content_basis'].shape[1]}")
+    cos_phi = pairs.truth["cos_phi"]
+    sin_phi = np.sqrt(1.0 - cos_phi**2)
+    anchor = pairs.truth["anchor_image"]
+    u = (pairs.image - cos_phi * anchor) / sin_phi
+    u = l2_normalize(u + (gain - 1.0) * (u @ basis) @ basis.T)
+    truth = {**pairs.truth, "gain": float(gain), "gain_basis": basis}
+    return SyntheticPairs(image=cos_phi * anchor + sin_phi * u, text=pairs.text, truth=truth)

@@ -30,6 +30,12 @@ def parse_args(argv=None):
     src.add_argument("--n", type=int, default=8000, help="synthetic: number of items (default 8000)")
     src.add_argument("--dim", type=int, default=64, help="synthetic: embedding dimension (default 64)")
     src.add_argument("--gap", type=float, default=0.4, help="synthetic: planted centroid gap (default 0.4)")
+    src.add_argument("--residual-rank", type=int, default=0,
+                     help="synthetic: rank of an image-only residual no text->image map can remove (default 0)")
+    src.add_argument("--gain", type=float, default=1.5,
+                     help="synthetic: anisotropic gain on the images' top content directions (default 1.5)")
+    src.add_argument("--gain-rank", type=int, default=2,
+                     help="synthetic: number of content directions carrying --gain (default 2; 0 = none)")
     src.add_argument("--fit-text", help=".npy (N, d) unpaired texts to fit on")
     src.add_argument("--fit-image", help=".npy (N, d) unpaired images to fit on")
     src.add_argument("--heldout-text", help=".npy (M, d) held-out texts, row-paired with --heldout-image")
@@ -37,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--aligners", nargs="+", default=None,
                    help=f"aligners to compare (default: all registered: {', '.join(ALIGNERS)})")
     p.add_argument("--params", default="{}",
-                   help='JSON dict of per-aligner params, e.g. \'{"c3": {"calibrate_phi": 0.9}}\'')
+                   help='JSON dict of per-aligner params, e.g. \'{"c3": {"calibrate_phi": 0.9}}\'; a key '
+                        '"anisoalign*" applies to every AnisoAlign variant')
     p.add_argument("--seed", type=int, default=0, help="seed for fitting and metrics (default 0)")
     p.add_argument("--k", type=int, default=20, help="neighbourhood size for Omega_k and M_k (default 20)")
     p.add_argument("--json", help="also write all rows as JSON to this path")
@@ -46,7 +53,8 @@ def parse_args(argv=None):
 
 def load_data(args):
     if args.synthetic:
-        pairs = make_paired_embeddings(args.n, args.dim, gap=args.gap, seed=args.seed)
+        pairs = make_paired_embeddings(args.n, args.dim, gap=args.gap, residual_rank=args.residual_rank,
+                                       gain=args.gain, gain_rank=args.gain_rank, seed=args.seed)
         fit_text, fit_image, held = pairs.split(args.n // 2, seed=args.seed)
         return fit_text, fit_image, held.image, held.text
     paths = [args.fit_text, args.fit_image, args.heldout_text, args.heldout_image]
@@ -54,6 +62,16 @@ def load_data(args):
         sys.exit("error: give --synthetic or all of --fit-text --fit-image --heldout-text --heldout-image")
     fit_text, fit_image, held_text, held_image = (np.load(p, allow_pickle=False) for p in paths)
     return fit_text, fit_image, held_image, held_text
+
+
+def expand_params(params: dict) -> dict:
+    """Expand a trailing-``*`` key (e.g. ``"anisoalign*"``) to every registered aligner it matches."""
+    out = {}
+    for key, value in params.items():
+        names = [n for n in ALIGNERS if n.startswith(key[:-1])] if key.endswith("*") else [key]
+        for name in names:
+            out[name] = {**out.get(name, {}), **value}
+    return out
 
 
 def main(argv=None) -> int:
@@ -65,7 +83,7 @@ def main(argv=None) -> int:
     print("Modality gap of the held-out pairs (AnisoAlign §3):")
     print(markdown_table([{"name": "held-out", **gap}], GAP_COLUMNS, first="name"), "\n")
     rows = compare_aligners(fit_text=fit_text, fit_image=fit_image, heldout_image=held_image,
-                            heldout_text=held_text, names=args.aligners, params=json.loads(args.params),
+                            heldout_text=held_text, names=args.aligners, params=expand_params(json.loads(args.params)),
                             seed=args.seed, k=args.k)
     print(f"Aligners on held-out pairs (AnisoAlign §5, k = {args.k}):")
     print(markdown_table(rows, [*METHOD_COLUMNS, "fit_seconds"], first="name"))

@@ -8,6 +8,7 @@ Current steps:
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import compare_aligners  # noqa: E402  (sibling pipeline script)
 
 def main() -> int:
     print("== step 1/1: aligners on synthetic planted-gap embeddings ==")
-    return compare_aligners.main(["--synthetic", "--n", "8000", "--dim", "64",
-                                  "--params", '{"c3": {"calibrate_phi": 0.9}}'])
+    fast_aniso = {"rank": 4, "stage1_steps": 600, "stage1_lr": 3e-3, "batch_size": 256}
+    params = json.dumps({"c3": {"calibrate_phi": 0.9}, "anisoalign*": fast_aniso})
+    return compare_aligners.main(["--synthetic", "--n", "8000", "--dim", "64", "--params", params])
 
 
 if __name__ == "__main__":

@@ -5,13 +5,8 @@
 """
 
 from .base import ALIGNERS, Aligner, FitContext, fit_aligner, get_aligner_class, load_aligner, register_aligner
-from . import identity, centroid, unicorn, c3, realign  # noqa: F401  (registration side effects)
+from . import identity, centroid, unicorn, c3, realign, aniso  # noqa: F401  (registration side effects)
 from .c3 import C3_ORIGINAL_SIGMA
-
-import importlib.util as _ilu
-
-if _ilu.find_spec(f"{__name__}.aniso") is not None:  # AnisoAlign (issue 3) registers itself when present
-    from . import aniso  # noqa: F401
 
 __all__ = [
     "ALIGNERS", "Aligner", "FitContext", "fit_aligner", "get_aligner_class", "load_aligner",

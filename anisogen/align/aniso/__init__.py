@@ -1,0 +1,17 @@
+"""AnisoAlign (spec §2): frame, blockwise polar coordinates, Stage I phase prior, Stage II-a global
+initialisation, Stage II-b bounded refinement, and the registered aligners (full method + ablations).
+
+Importing this package registers ``anisoalign``, ``anisoalign-init``, ``anisoalign-refine``,
+``anisoalign-prior`` and ``anisoalign-phase`` in :data:`anisogen.align.ALIGNERS`.
+"""
+
+from .aligner import (
+    AnisoAlign, AnisoAlignInit, AnisoAlignPhase, AnisoAlignPrior, AnisoAlignRefine, DEFAULT_PARAMS,
+)
+
+ANISO_VARIANTS = ("anisoalign-init", "anisoalign-refine", "anisoalign-prior", "anisoalign-phase", "anisoalign")
+
+__all__ = [
+    "AnisoAlign", "AnisoAlignInit", "AnisoAlignRefine", "AnisoAlignPrior", "AnisoAlignPhase", "DEFAULT_PARAMS",
+    "ANISO_VARIANTS",
+]

@@ -1,0 +1,317 @@
+#!/usr/bin/env python
+"""Fit any registered aligner on unpaired text and image embeddings and write the artifact.
+
+    pipelines/fit.py --aligner anisoalign --text TEXT [TEXT ...] --image IMAGE [IMAGE ...] --out DIR
+
+TEXT / IMAGE are ``.npy`` files of (N, d) float16/float32 embeddings, folders of ``.npy`` files (read in
+natural order, e.g. clip-retrieval's ``img_emb/`` or the ``pipelines/embed_images.py`` output with its
+``img_emb.json``), or generated shard folders (``manifest.json``; the ``--shard-field`` of every sample is
+read: ``src`` = the raw text embeddings, needs ``generate --keep-source``). Inputs are streamed in chunks.
+
+Before fitting every input is checked: rows must be finite and L2-normalised (``--normalize`` normalises
+instead), and every file must have the same d. Errors name the file and the row. When the inputs record a
+CLIP model fingerprint (``img_emb.json`` / ``manifest.json``) the two sides must agree, and the artifact is
+stamped with it unless ``--model-fingerprint`` is given.
+
+After fitting it prints the diagnostics: the paired gap report (AnisoAlign §3) with ``--paired`` (row i of
+the texts describes row i of the images), otherwise the unpaired parts (means, spreads, centroid gap,
+spectral correlation, subspace overlap), plus the loss curves of trained stages (Stage I / Stage II).
+
+Example:
+    pipelines/fit.py --aligner anisoalign --text txt.npy --image img_emb/ --out runs/aligner \\
+        --param rank=128 --param stage1_steps=2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from anisogen.align import ALIGNERS  # noqa: E402
+from anisogen.embeddings import check_embeddings  # noqa: E402
+from anisogen.geometry import gap_report, spectral_correlation, subspace_overlap  # noqa: E402
+from anisogen.geometry.spectrum import sorted_eigh  # noqa: E402
+from anisogen.report import markdown_table  # noqa: E402
+from anisogen.stats import Moments  # noqa: E402
+
+GAP_COLUMNS = ["C_lambda", "O_q", "G_mu", "G_Sigma", "D_center", "R_res", "A_r", "d_eff_ratio"]
+
+
+class InputError(ValueError):
+    """Bad input data (names the file and the row)."""
+
+
+# ------------------------------------------------------------------------------------ inputs
+def _natural(path: Path):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+class EmbeddingInput:
+    """One side (text or image) of the fit: a list of parts, each a file or a shard folder.
+
+    Calling the object yields (n, d) chunks of all parts in order, so it is a re-iterable source for
+    :func:`anisogen.align.fit_aligner`. ``parts`` lists ``(label, kind, path)``; ``fingerprints`` the model
+    fingerprints recorded next to the inputs.
+    """
+
+    def __init__(self, side: str, paths: list[str], *, shard_field: str, chunk_size: int) -> None:
+        self.side, self.shard_field, self.chunk_size = side, shard_field, chunk_size
+        self.parts: list[tuple[str, str, Path]] = []
+        self.fingerprints: set[str] = set()
+        for raw in paths:
+            path = Path(raw)
+            if path.is_file():
+                if path.suffix != ".npy":
+                    raise InputError(f"{path}: expected a .npy file, a folder of .npy files or a shard folder")
+                self.parts.append((str(path), "npy", path))
+                self._read_meta(path.with_name("img_emb.json"), "model")
+            elif path.is_dir() and (path / "manifest.json").is_file():
+                from anisogen.shards.reader import load_manifest
+
+                manifest = load_manifest(path)
+                if manifest.get("model_fingerprint"):
+                    self.fingerprints.add(str(manifest["model_fingerprint"]))
+                self.parts.append((f"{path} ({shard_field}.npy of the shards)", "shards", path))
+            elif path.is_dir():
+                files = sorted(path.glob("*.npy"), key=_natural)
+                if not files:
+                    raise InputError(f"{path}: folder holds no .npy files and no manifest.json")
+                self.parts.extend((str(f), "npy", f) for f in files)
+                self._read_meta(path / "img_emb.json", "model")
+            else:
+                raise InputError(f"{side} input {raw!r} does not exist")
+
+    def _read_meta(self, meta: Path, key: str) -> None:
+        if meta.is_file():
+            value = json.loads(meta.read_text()).get(key)
+            if value:
+                self.fingerprints.add(str(value))
+
+    def part_chunks(self, kind: str, path: Path):
+        if kind == "npy":
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            if arr.ndim != 2:
+                raise InputError(f"{path}: expected a 2-D (N, d) array, got shape {arr.shape}")
+            for start in range(0, arr.shape[0], self.chunk_size):
+                yield np.asarray(arr[start : start + self.chunk_size])
+            return
+        from anisogen.shards.reader import iter_samples
+
+        rows = []
+        for sample in iter_samples(path, fields=[self.shard_field]):
+            vec = sample[self.shard_field]
+            if vec is None:
+                raise InputError(f"{path}: sample {sample['key']} has no {self.shard_field}.npy "
+                                 "(generate with --keep-source to read raw text embeddings)")
+            rows.append(vec)
+            if len(rows) == self.chunk_size:
+                yield np.stack(rows)
+                rows = []
+        if rows:
+            yield np.stack(rows)
+
+    def __call__(self):
+        for _, kind, path in self.parts:
+            yield from self.part_chunks(kind, path)
+
+    def validate(self, *, normalize: bool, dim: int | None) -> tuple[int, int]:
+        """Check every row of every part; returns (rows, d). Raises :class:`InputError` naming file and row."""
+        total = 0
+        for label, kind, path in self.parts:
+            seen = 0
+            for chunk in self.part_chunks(kind, path):
+                if dim is None:
+                    dim = int(np.asarray(chunk).shape[1]) if np.asarray(chunk).ndim == 2 else None
+                try:
+                    check_embeddings(chunk, name=label, dim=dim, normalize=normalize, row_offset=seen, min_rows=0)
+                except ValueError as exc:
+                    msg = str(exc).replace("or pass normalize=True", "or pass --normalize")
+                    if "dimension mismatch" in msg:
+                        msg += f" (all {self.side} and image/text inputs must share one d)"
+                    raise InputError(msg) from None
+                seen += len(chunk)
+            if seen == 0:
+                raise InputError(f"{label}: no rows")
+            total += seen
+        return total, int(dim)
+
+    def head(self, n: int) -> np.ndarray:
+        """The first ``n`` rows (float64) across parts."""
+        out, have = [], 0
+        for chunk in self():
+            out.append(np.asarray(chunk[: n - have], dtype=np.float64))
+            have += len(out[-1])
+            if have >= n:
+                break
+        return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------- reporting
+def unpaired_report(text: Moments, image: Moments) -> dict:
+    """The parts of the gap report that need no pairing: centroids, spreads and covariance shapes."""
+    d = text.dim
+    q = max(1, round(d / 10))
+    cov_t, cov_i = text.covariance, image.covariance
+    lam_t, vec_t = sorted_eigh(cov_t)
+    lam_i, vec_i = sorted_eigh(cov_i)
+    return {
+        "n_text": text.count, "n_image": image.count, "d": d, "q": q,
+        "norm_mu_text": float(np.linalg.norm(text.mean)), "norm_mu_image": float(np.linalg.norm(image.mean)),
+        "trace_text": text.trace, "trace_image": image.trace,
+        "G_mu": float(np.linalg.norm(image.mean - text.mean)),
+        "G_Sigma": float(np.linalg.norm(cov_i - cov_t) / (np.linalg.norm(cov_i) + 1e-12)),
+        "C_lambda": spectral_correlation(cov_i, cov_t),
+        "O_q": subspace_overlap(vec_i[:, :q], vec_t[:, :q]), "O_q_random": q / d,
+        "top_eigen_text": [float(v) for v in lam_t[:5]], "top_eigen_image": [float(v) for v in lam_i[:5]],
+    }
+
+
+def curve_summary(history: dict) -> list[dict]:
+    """One row per loss curve: length, first, min, last and a 10-point downsample."""
+    rows = []
+    for name, values in history.items():
+        if name.endswith("_step") or name.endswith("_steps_run") or name.startswith("seconds_") or not values:
+            continue
+        v = np.asarray(values, dtype=np.float64)
+        idx = np.unique(np.linspace(0, len(v) - 1, min(10, len(v))).round().astype(int))
+        rows.append({"name": name, "points": len(v), "first": v[0], "min": v.min(), "last": v[-1],
+                     "curve": " ".join(f"{x:.4g}" for x in v[idx])})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def parse_value(text: str):
+    """``--param`` values: JSON when it parses (numbers, true/false/null, lists), else the raw string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--aligner", required=True, choices=sorted(ALIGNERS), help="registered aligner to fit")
+    p.add_argument("--text", nargs="+", required=True,
+                   help="text embeddings: .npy file(s), folder(s) of .npy, or shard folder(s)")
+    p.add_argument("--image", nargs="+", required=True,
+                   help="image embeddings: .npy file(s), folder(s) of .npy (e.g. embed_images.py output), or shard folder(s)")
+    p.add_argument("--out", required=True, help="artifact directory to write (config.json, tensors.safetensors, history.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing artifact in --out")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="aligner parameter (repeatable), VALUE parsed as JSON when possible, e.g. --param rank=128")
+    p.add_argument("--params", default="{}", help="aligner parameters as one JSON object (merged under --param)")
+    p.add_argument("--seed", type=int, default=0, help="fit seed (default 0)")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise rows instead of refusing non-unit rows")
+    p.add_argument("--paired", action="store_true",
+                   help="the inputs are row-paired (text row i describes image row i): print the paired gap report")
+    p.add_argument("--diagnostic-rows", type=int, default=20000,
+                   help="rows used by the paired gap report (default 20000)")
+    p.add_argument("--model-fingerprint", default=None,
+                   help="CLIP model fingerprint stamped on the artifact (default: the one recorded with the inputs)")
+    p.add_argument("--shard-field", default="src", choices=["src", "emb"],
+                   help="embedding read from shard folders: src (raw text, default) or emb (substitutes)")
+    p.add_argument("--device", default=None, help="torch device for trained stages (default cpu)")
+    p.add_argument("--chunk-size", type=int, default=65536, help="rows per streamed chunk (default 65536)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--json", default=None, help="also write diagnostics and loss curves to this JSON file")
+    return p
+
+
+def resolve_fingerprint(args, text: EmbeddingInput, image: EmbeddingInput) -> str | None:
+    recorded = text.fingerprints | image.fingerprints
+    if len(recorded) > 1:
+        raise InputError(f"the inputs were embedded with different CLIP models: {sorted(recorded)}")
+    if args.model_fingerprint is not None:
+        if recorded and args.model_fingerprint not in recorded:
+            raise InputError(f"--model-fingerprint {args.model_fingerprint!r} differs from the inputs' {sorted(recorded)}")
+        return args.model_fingerprint
+    return next(iter(recorded)) if recorded else None
+
+
+def run(args) -> dict:
+    params = json.loads(args.params)
+    for item in args.param:
+        if "=" not in item:
+            raise InputError(f"--param {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        params[key] = parse_value(value)
+    out = Path(args.out)
+    if (out / "config.json").exists() and not args.overwrite:
+        raise InputError(f"{out} already holds an aligner artifact; pass --overwrite to replace it")
+
+    text = EmbeddingInput("text", args.text, shard_field=args.shard_field, chunk_size=args.chunk_size)
+    image = EmbeddingInput("image", args.image, shard_field=args.shard_field, chunk_size=args.chunk_size)
+    n_text, d_text = text.validate(normalize=args.normalize, dim=None)
+    n_image, d_image = image.validate(normalize=args.normalize, dim=None)
+    if d_text != d_image:
+        raise InputError(f"dimension mismatch: text inputs ({text.parts[0][0]}) have d={d_text}, "
+                         f"image inputs ({image.parts[0][0]}) have d={d_image}")
+    if args.paired and n_text != n_image:
+        raise InputError(f"--paired needs as many texts as images, got {n_text} texts and {n_image} images")
+    fingerprint = resolve_fingerprint(args, text, image)
+    print(f"inputs: {n_text} texts, {n_image} images, d = {d_text}; model fingerprint: {fingerprint}")
+
+    start = time.perf_counter()
+    aligner = ALIGNERS[args.aligner](**params).fit(
+        text, image, seed=args.seed, model_fingerprint=fingerprint, normalize=args.normalize, device=args.device,
+        progress=not args.no_progress, chunk_size=args.chunk_size)
+    fit_seconds = time.perf_counter() - start
+    if args.overwrite and out.exists():
+        (out / "config.json").unlink(missing_ok=True)  # the artifact is incomplete until save() rewrites it
+    aligner.save(out)
+    print(f"fitted {args.aligner} in {fit_seconds:.1f}s -> {out}")
+    stages = {k[len("seconds_"):]: v[0] for k, v in aligner.history.items() if k.startswith("seconds_")}
+    if stages:
+        print("  stage wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()))
+
+    result: dict = {"aligner": args.aligner, "params": aligner.params, "fit_seconds": fit_seconds,
+                    "fit_counts": aligner.fit_counts, "artifact": str(out)}
+    if args.paired:
+        n = min(args.diagnostic_rows, n_text)
+        gap = gap_report(image=image.head(n), text=text.head(n), normalize=args.normalize)
+        print(f"\nModality gap of the first {n} paired rows (AnisoAlign §3):")
+        print(markdown_table([{"name": "inputs", **gap}], GAP_COLUMNS, first="name"))
+        result["gap_report"] = {k: v for k, v in gap.items() if np.isscalar(v)}
+    else:
+        tm = Moments.from_source(text, name="text", normalize=args.normalize, chunk_size=args.chunk_size)
+        im = Moments.from_source(image, name="image", normalize=args.normalize, chunk_size=args.chunk_size)
+        unpaired = unpaired_report(tm, im)
+        print("\nUnpaired diagnostics (pass --paired for the paired gap report):")
+        cols = ["n_text", "n_image", "norm_mu_text", "norm_mu_image", "trace_text", "trace_image", "G_mu", "G_Sigma",
+                "C_lambda", "O_q", "O_q_random"]
+        print(markdown_table([{"name": "inputs", **unpaired}], cols, first="name"))
+        result["unpaired_report"] = unpaired
+    curves = curve_summary(aligner.history)
+    if curves:
+        print("\nLoss curves (window means; *_val = fixed validation batch):")
+        print(markdown_table(curves, ["points", "first", "min", "last", "curve"], first="name"))
+    else:
+        print("\nNo trained stages (closed-form aligner): no loss curves.")
+    result["history"] = aligner.history
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
+        print(f"\nwrote {args.json}")
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (InputError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
