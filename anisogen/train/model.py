@@ -7,9 +7,13 @@ The projected embedding replaces the input embeddings of ``k`` reserved placehol
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .projector import Projector
 from .templates import IGNORE_INDEX
@@ -30,7 +34,8 @@ class EmbeddingLM(nn.Module):
         vectors_per_sample: n, the number of embedding vectors per sample (1 for ``emb.npy`` of shape (d,)).
 
     ``extras`` is an ``nn.ModuleDict`` where methods (e.g. steering interventions) attach trainable
-    modules so that DDP, checkpoints and exports see them.
+    modules so that DDP, checkpoints and exports see them. Methods that act on visual positions inside
+    the LM (e.g. MoReS) learn them through :meth:`register_visual_mask_hook`.
     """
 
     def __init__(self, lm: nn.Module, projector: Projector, image_token_id: int, vectors_per_sample: int = 1):
@@ -40,6 +45,19 @@ class EmbeddingLM(nn.Module):
         self.extras = nn.ModuleDict()
         self.image_token_id = int(image_token_id)
         self.vectors_per_sample = int(vectors_per_sample)
+        self._visual_mask_hooks: OrderedDict[int, Callable[[torch.Tensor], None]] = OrderedDict()
+
+    def register_visual_mask_hook(self, fn: Callable[[torch.Tensor], None]) -> RemovableHandle:
+        """Call ``fn(visual_mask)`` on every :meth:`embed`, i.e. before each LM call of :meth:`forward`
+        and :meth:`generate` (and of callers that run ``embed`` then ``lm`` themselves).
+
+        ``visual_mask`` is the (B, T) bool placeholder mask of that call (any padding side), passed
+        after the placeholder counts were validated. Hooks run in registration order. Returns a handle
+        whose ``remove()`` unregisters ``fn``.
+        """
+        handle = RemovableHandle(self._visual_mask_hooks)
+        self._visual_mask_hooks[handle.id] = fn
+        return handle
 
     @property
     def num_visual_tokens(self) -> int:
@@ -88,6 +106,8 @@ class EmbeddingLM(nn.Module):
                 f"row {row} has {int(counts[row])} image placeholder tokens (id {self.image_token_id}) but the "
                 f"projector makes {want} visual tokens per sample ({int(bad.numel())} bad rows)"
             )
+        for fn in self._visual_mask_hooks.values():
+            fn(mask)
         table = self.lm.get_input_embeddings()
         embeds = table(input_ids.masked_fill(mask, 0))
         proj_dtype = next(self.projector.parameters()).dtype

@@ -196,6 +196,7 @@ class MoReS(nn.Module):
         self.positions = positions
         self._mask: torch.Tensor | None = None
         self._handles: list = []
+        self._embed_handle = None  # (id of the EmbeddingLM, handle of its visual-mask hook): bind_embedding_lm
 
     # ---- hooks
     def attach(self, model: nn.Module | nn.ModuleList) -> "MoReS":
@@ -210,9 +211,18 @@ class MoReS(nn.Module):
         return self
 
     def detach(self) -> None:
+        """Remove the decoder-layer hooks (the LM runs unsteered)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def unbind(self) -> None:
+        """Undo :func:`bind_embedding_lm`: remove the layer hooks and the visual-mask hook, clear the mask."""
+        self.detach()
+        if self._embed_handle is not None:
+            self._embed_handle[1].remove()
+            self._embed_handle = None
+        self._mask = None
 
     def _make_hook(self, key: str):
         def hook(module, args, output):
@@ -363,23 +373,22 @@ def parameter_summary(lm: nn.Module, mores: MoReS, *, lora_r: int = 8,
 
 
 def bind_embedding_lm(elm: nn.Module, mores: MoReS) -> None:
-    """Make ``elm`` (an ``EmbeddingLM``) set the steering mask on every ``embed`` call.
+    """Steer ``elm`` (an ``EmbeddingLM``) with ``mores``: hooks on ``elm.lm``'s decoder layers, and a
+    visual-mask hook (:meth:`EmbeddingLM.register_visual_mask_hook`) so that every ``embed`` call (the
+    single path of ``forward`` and ``generate``) hands its placeholder mask to the MoReS position policy.
 
-    ``embed(input_ids, emb)`` is the single path of ``forward`` and ``generate``; the wrapper computes
-    ``elm.visual_mask(input_ids)`` (placeholder positions) and lets the MoReS policy pick the steered
-    subset. Idempotent. The hooks go on ``elm.lm``'s decoder layers.
+    ``mores`` becomes ``elm.extras["mores"]`` (so checkpoints and exports hold it); a different MoReS
+    bound before is unbound. Idempotent.
     """
+    prev = elm.extras["mores"] if "mores" in elm.extras else None
+    if prev is not None and prev is not mores:
+        prev.unbind()
+    if mores._embed_handle is not None and mores._embed_handle[0] != id(elm):
+        mores.unbind()  # it steered another model before
+    elm.extras["mores"] = mores
     mores.attach(elm.lm)
-    if getattr(elm, "_mores_bound", None) is mores:
-        return
-    original = type(elm).embed.__get__(elm)
-
-    def embed(input_ids, emb, _orig=original, _m=mores, _elm=elm):
-        _m.set_visual_mask(_elm.visual_mask(input_ids))
-        return _orig(input_ids, emb)
-
-    elm.embed = embed
-    elm._mores_bound = mores
+    if mores._embed_handle is None:
+        mores._embed_handle = (id(elm), elm.register_visual_mask_hook(mores.set_visual_mask))
 
 
 MORES_OPTIONS = {
@@ -412,7 +421,6 @@ def _prepare_mores(ctx):
         torch.manual_seed(int(o["seed"]))
         mores = _build_from_options(elm, o)
     mores.to(ctx.device)
-    elm.extras["mores"] = mores
     bind_embedding_lm(elm, mores)
     counts = parameter_summary(elm.lm, mores)
     if counts["mores"] != counts["mores_formula"]:
@@ -433,7 +441,6 @@ def _export_mores(model, export_dir: Path, info: dict) -> None:
 
 def _load_mores(model, export_dir: Path, config: dict) -> None:
     mores = MoReS.load(Path(export_dir) / "steering.safetensors")
-    model.extras["mores"] = mores
     bind_embedding_lm(model, mores)
 
 

@@ -1,0 +1,475 @@
+"""Reading the audit's inputs: generated shard folders, image embeddings and a paired evaluation set.
+
+Every input becomes an :class:`EmbeddingSet`: float32 rows as stored (decoded from fp16/bf16/fp32, *not*
+renormalised, so norm statistics can be reported), an optional row-aligned ``src`` (raw text embeddings),
+the CLIP model fingerprint and the provenance of every row.
+
+Sources:
+
+* **shard folder** (written by ``pipelines/generate.py``, read through :mod:`anisogen.shards.reader`):
+  ``manifest.json`` gives the shards, their sample counts and sha256; each shard is hashed before it is
+  read. Image-embedding shard folders use the same format (``emb.npy`` holds the image embedding).
+* **``.npy`` file** (N, d) of float16/float32 (or bfloat16 bits as uint16), optionally with a *sidecar*
+  ``<stem>.json`` next to it (``images.npy`` -> ``images.json``) holding at least
+  ``{"model": "<clip fingerprint>"}`` (``model_fingerprint`` is accepted too; see
+  :func:`write_embeddings_npy`). ``pipelines/embed_images.py`` output (``img_emb.npy`` + ``img_emb.json``)
+  is exactly this.
+* **folder of ``.npy`` files** (e.g. clip-retrieval's ``img_emb_0.npy``, ``img_emb_1.npy``...), read in
+  natural name order (``_2`` before ``_10``), each with an optional sidecar.
+* **paired set**: an ``.npz`` with arrays ``image`` and ``text`` (sidecar ``<stem>.json``), or a folder
+  with ``image.npy`` and ``text.npy`` (sidecars ``image.json`` / ``text.json``), row i of both being the
+  same item.
+
+Sampling: ``max_samples`` caps the rows of each source; the kept rows are a seeded uniform sample of
+global row positions (positions counted over the shards in manifest order), so the same seed keeps the
+same rows whatever the number of shards. ``None`` or 0 keeps every row.
+
+Bad input raises :class:`AuditInputError` naming the file, shard or sample. With ``skip_corrupt`` a
+missing, truncated or hash-mismatched shard, or an undecodable / wrong-dimension / NaN-Inf sample, is
+skipped instead and recorded in ``EmbeddingSet.skipped`` (shard-level problems drop the whole shard).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..embeddings import check_embeddings
+from ..shards import ALIGNER_DIRNAME, decode_embedding, decode_wds_sample, iter_tar_samples, load_manifest
+from ..shards.schema import MANIFEST_NAME
+from ..shards.writer import atomic_write_json, file_sha256
+
+
+class AuditInputError(ValueError):
+    """An audit input is missing, corrupt, inconsistent or from another model; the message names it."""
+
+
+@dataclass
+class EmbeddingSet:
+    """Rows read from one source.
+
+    ``emb``: float32 (n, d) as stored (not renormalised). ``src``: float32 (n, d) raw text embeddings
+    row-aligned with ``emb`` (shard folders with ``src.npy`` only), else None. ``keys``: sample key (or
+    ``file:row``) of each row. ``n_total``: rows available before sampling (in readable shards).
+    ``skipped``: one dict per skipped shard or sample (``source``, ``shard``, ``key``, ``reason``).
+    """
+
+    label: str
+    path: str
+    kind: str
+    emb: np.ndarray
+    src: np.ndarray | None = None
+    keys: list[str] = field(default_factory=list)
+    n_total: int = 0
+    model_fingerprint: str | None = None
+    aligner: dict | None = None
+    manifest: dict | None = None
+    skipped: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return int(self.emb.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.emb.shape[1])
+
+    @property
+    def aligner_dir(self) -> Path:
+        return Path(self.path) / ALIGNER_DIRNAME
+
+    def summary(self) -> dict:
+        """JSON-ready description (no arrays)."""
+        out = {
+            "label": self.label, "path": self.path, "kind": self.kind, "n_total": self.n_total,
+            "n_sampled": self.n, "d": self.dim, "has_src": self.src is not None,
+            "model_fingerprint": self.model_fingerprint, "aligner": self.aligner,
+            "skipped_shards": sorted({s["shard"] for s in self.skipped if s.get("key") is None}),
+            "skipped_samples": sum(1 for s in self.skipped if s.get("key") is not None),
+        }
+        if self.manifest is not None:
+            out["manifest"] = self.manifest
+        return out
+
+
+def sample_positions(total: int, max_samples: int | None, seed: int) -> np.ndarray | None:
+    """Sorted seeded positions to keep out of ``total`` rows, or None to keep every row."""
+    if not max_samples or total <= max_samples:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(total, int(max_samples), replace=False))
+
+
+# ------------------------------------------------------------------------------------ shard folders
+def _manifest_summary(manifest: dict) -> dict:
+    return {
+        "format_version": manifest.get("format_version"),
+        "anisogen_version": manifest.get("anisogen_version"),
+        "config_fingerprint": manifest.get("config_fingerprint"),
+        "dtype": manifest.get("dtype"),
+        "num_shards": len(manifest.get("shards", [])),
+        "totals": {k: v for k, v in (manifest.get("totals") or {}).items() if k in ("samples", "rejects", "shards")},
+    }
+
+
+def load_shard_folder(path: str | os.PathLike, *, label: str | None = None, max_samples: int | None = None,
+                      seed: int = 0, skip_corrupt: bool = False, progress: bool = False) -> EmbeddingSet:
+    """Read (a seeded sample of) the embeddings of a generated shard folder.
+
+    Checks, naming the folder/shard/sample in every error: a complete manifest (via
+    :func:`anisogen.shards.load_manifest`), each listed shard present with the manifest's byte size and
+    sha256, the tar readable with exactly ``nsamples`` samples, *every* sample holding an ``emb.npy`` of
+    shape (d,) with finite values, and every kept sample's ``src.npy`` likewise and its ``json`` model
+    fingerprint equal to the manifest's. Metrics use only the kept rows; the checks cover all rows.
+    """
+    folder = Path(path)
+    label = label or folder.name
+    if not folder.is_dir():
+        raise AuditInputError(f"{folder}: shard folder does not exist")
+    try:
+        manifest = load_manifest(folder)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AuditInputError(f"{folder / MANIFEST_NAME}: not valid JSON ({exc})") from None
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RuntimeError: IncompleteRunError
+        raise AuditInputError(f"{folder}: {exc}") from None
+    dim = int(manifest["dim"])
+    fingerprint = manifest.get("model_fingerprint")
+    entries = manifest.get("shards", [])
+    starts = np.cumsum([0] + [int(e["nsamples"]) for e in entries])
+    total = int(starts[-1])
+    positions = sample_positions(total, max_samples, seed)
+    skipped: list[dict] = []
+    emb_rows: list[np.ndarray] = []
+    src_rows: list[np.ndarray | None] = []
+    keys: list[str] = []
+    n_readable = 0
+
+    def problem(shard: str, reason: str, key: str | None = None) -> None:
+        where = f"{folder / shard}" + (f" sample {key}" if key else "")
+        if not skip_corrupt:
+            raise AuditInputError(f"{where}: {reason}" + ("" if key else "; pass --skip-corrupt to skip it"))
+        skipped.append({"source": str(folder), "shard": shard, "key": key, "reason": reason})
+
+    for i, entry in enumerate(tqdm(entries, desc=f"read {label}", unit="shard", disable=not progress)):
+        name = entry["name"]
+        lo, hi = int(starts[i]), int(starts[i + 1])
+        keep = np.arange(lo, hi) if positions is None else positions[(positions >= lo) & (positions < hi)]
+        keep_local = set((keep - lo).tolist())
+        reason = _shard_file_problem(folder / name, entry)
+        if reason:
+            problem(name, reason)
+            continue
+        shard_emb, shard_src, shard_keys, shard_skips = [], [], [], []
+        count = 0
+        try:
+            for raw in iter_tar_samples(folder / name):
+                selected = count in keep_local
+                row = _decode_sample(raw, dim, fingerprint, full=selected)  # every sample is checked
+                if isinstance(row, str):
+                    shard_skips.append((raw["__key__"], row))
+                elif selected:
+                    shard_emb.append(row[0])
+                    shard_src.append(row[1])
+                    shard_keys.append(raw["__key__"])
+                count += 1
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            problem(name, f"corrupt shard, cannot be read as a tar ({exc})")
+            continue
+        if count != int(entry["nsamples"]):
+            problem(name, f"holds {count} samples but the manifest lists {entry['nsamples']}")
+            continue
+        for key, reason in shard_skips:
+            problem(name, reason, key)
+        n_readable += count
+        emb_rows.extend(shard_emb)
+        src_rows.extend(shard_src)
+        keys.extend(shard_keys)
+
+    if not emb_rows:
+        raise AuditInputError(f"{folder}: no readable samples ({len(skipped)} shards/samples skipped)")
+    emb = np.stack(emb_rows).astype(np.float32, copy=False)
+    warnings = []
+    n_src = sum(s is not None for s in src_rows)
+    src = None
+    if n_src == len(src_rows):
+        src = np.stack(src_rows).astype(np.float32, copy=False)
+    elif n_src:
+        warnings.append(f"{folder}: only {n_src} of {len(src_rows)} sampled rows carry src.npy; "
+                        "semantic-preservation metrics are skipped")
+    return EmbeddingSet(
+        label=label, path=str(folder), kind="shards", emb=emb, src=src, keys=keys, n_total=n_readable,
+        model_fingerprint=fingerprint, aligner=manifest.get("aligner"), manifest=_manifest_summary(manifest),
+        skipped=skipped, warnings=warnings,
+    )
+
+
+def _shard_file_problem(path: Path, entry: dict) -> str | None:
+    """Why a listed shard cannot be trusted (missing, size or sha256 mismatch), or None."""
+    if not path.is_file():
+        return "shard listed in the manifest is missing"
+    size = path.stat().st_size
+    if "bytes" in entry and size != int(entry["bytes"]):
+        return f"corrupt shard: {size} bytes on disk, manifest says {entry['bytes']}"
+    if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
+        return "corrupt shard: sha256 differs from the manifest"
+    return None
+
+
+def _decode_sample(raw: dict, dim: int, fingerprint: str | None, full: bool = True):
+    """(emb, src) float32 rows of one raw sample, or a string saying why the sample is unusable.
+
+    ``full=False`` (rows outside the sample) checks only ``emb.npy``: shape and finiteness.
+    """
+    fields = ("emb",) if not full else ("emb", "src", "meta") if "json" in raw else ("emb", "src")
+    try:
+        sample = decode_wds_sample(raw, fields=fields)
+    except (ValueError, KeyError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"undecodable sample ({exc})"
+    for name in ("emb", "src"):
+        vec = sample.get(name)
+        if vec is None:
+            continue
+        if vec.shape != (dim,):
+            return f"{name}.npy has shape {vec.shape}, expected ({dim},) (dimension mismatch)"
+        if not np.isfinite(vec).all():
+            return f"{name}.npy contains NaN or Inf"
+    model = (sample.get("meta") or {}).get("model")
+    if fingerprint is not None and model is not None and model != fingerprint:
+        return f"sample was encoded with CLIP model {model!r}, the manifest says {fingerprint!r}"
+    return sample["emb"], sample.get("src")
+
+
+# ------------------------------------------------------------------------------------ .npy inputs
+def sidecar_path(npy_path: str | os.PathLike) -> Path:
+    """The fingerprint sidecar of an embedding file: ``<stem>.json`` next to it."""
+    p = Path(npy_path)
+    return p.with_suffix(".json")
+
+
+def read_sidecar(npy_path: str | os.PathLike) -> dict | None:
+    """The sidecar JSON of ``npy_path`` (None when absent); it must be an object."""
+    side = sidecar_path(npy_path)
+    if not side.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AuditInputError(f"{side}: sidecar is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise AuditInputError(f"{side}: sidecar must be a JSON object with a 'model' (fingerprint) key")
+    return meta
+
+
+def write_embeddings_npy(path: str | os.PathLike, embeddings: np.ndarray, *, model_fingerprint: str | None,
+                         **extra: Any) -> Path:
+    """Save (N, d) embeddings to ``path`` (.npy, dtype kept) and the sidecar ``<stem>.json``.
+
+    The sidecar holds ``model`` (the CLIP fingerprint, same key as ``pipelines/embed_images.py``'s
+    ``img_emb.json``), ``count``, ``dim``, ``dtype`` and any ``extra`` keys (e.g. ``kind="image"``). This is
+    the format :func:`load_embedding_file` checks fingerprints with.
+    """
+    path = Path(path)
+    arr = np.asarray(embeddings)
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: embeddings must be (N, d), got shape {arr.shape}")
+    np.save(path, arr, allow_pickle=False)
+    meta = {"model": model_fingerprint, "count": int(arr.shape[0]), "dim": int(arr.shape[1]),
+            "dtype": str(arr.dtype), **extra}
+    atomic_write_json(sidecar_path(path), meta)
+    return path
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise AuditInputError(f"{path}: file does not exist") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise AuditInputError(f"{path}: not a readable .npy array ({exc})") from None
+    if arr.ndim != 2:
+        raise AuditInputError(f"{path}: expected a 2-D (N, d) array, got shape {arr.shape}")
+    if arr.dtype not in (np.float16, np.float32, np.float64, np.uint16):
+        raise AuditInputError(f"{path}: unsupported dtype {arr.dtype} (float16/32/64 or uint16 = bfloat16 bits)")
+    return arr
+
+
+def _validated_rows(arr, name: str, dim: int | None = None, keep: np.ndarray | None = None,
+                    chunk_size: int = 65536) -> np.ndarray:
+    """Check every row of ``arr`` (N, d) (shape, ``dim``, finite; not norms) and return the rows ``keep``.
+
+    ``keep``: sorted row indices to return as float32 (None = all). Errors name ``name`` and the absolute
+    row (via :func:`anisogen.embeddings.check_embeddings`); memory stays O(chunk + kept rows).
+    """
+    kept = []
+    for start in range(0, max(arr.shape[0], 1), chunk_size):
+        chunk = decode_embedding(np.asarray(arr[start : start + chunk_size]))
+        try:
+            chunk = check_embeddings(chunk, name=name, dim=dim, atol=np.inf, dtype=np.float32, row_offset=start,
+                                     min_rows=0)
+        except ValueError as exc:
+            raise AuditInputError(str(exc)) from None
+        if keep is None:
+            kept.append(chunk)
+        else:
+            local = keep[(keep >= start) & (keep < start + len(chunk))] - start
+            kept.append(chunk[local])
+    return np.concatenate(kept) if kept else np.zeros((0, arr.shape[1]), dtype=np.float32)
+
+
+def _fingerprint_of(meta: dict | None) -> str | None:
+    """The CLIP fingerprint in a sidecar: key ``model`` (as written by ``pipelines/embed_images.py``) or
+    ``model_fingerprint``."""
+    if meta is None:
+        return None
+    return meta.get("model") or meta.get("model_fingerprint")
+
+
+def _natural_key(path: Path):
+    """Sort key putting ``img_emb_2.npy`` before ``img_emb_10.npy``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def load_embedding_file(path: str | os.PathLike, *, label: str | None = None, max_samples: int | None = None,
+                        seed: int = 0) -> EmbeddingSet:
+    """One ``.npy`` of (N, d) embeddings plus its optional sidecar (model fingerprint)."""
+    path = Path(path)
+    arr = _load_npy(path)
+    meta = read_sidecar(path)
+    positions = sample_positions(arr.shape[0], max_samples, seed)
+    index = np.arange(arr.shape[0]) if positions is None else positions
+    emb = _validated_rows(arr, str(path), keep=positions)  # every row is checked, the sample is kept
+    set_ = EmbeddingSet(label=label or path.stem, path=str(path), kind="npy", emb=emb,
+                        keys=[f"{path.name}:{i}" for i in index], n_total=int(arr.shape[0]),
+                        model_fingerprint=_fingerprint_of(meta))
+    if meta is None:
+        set_.warnings.append(f"{path}: no sidecar {sidecar_path(path).name}; its CLIP model cannot be verified")
+    return set_
+
+
+def load_embedding_dir(path: str | os.PathLike, *, label: str | None = None, max_samples: int | None = None,
+                       seed: int = 0) -> EmbeddingSet:
+    """A folder of ``.npy`` files read as one set, in sorted file-name order (clip-retrieval style)."""
+    folder = Path(path)
+    files = sorted(folder.glob("*.npy"), key=_natural_key)
+    if not files:
+        raise AuditInputError(f"{folder}: no manifest.json and no .npy files; not an embedding folder")
+    arrays = [_load_npy(f) for f in files]
+    dims = {f.name: a.shape[1] for f, a in zip(files, arrays)}
+    if len(set(dims.values())) > 1:
+        raise AuditInputError(f"{folder}: dimension mismatch between files: {dims}")
+    metas = [read_sidecar(f) for f in files]
+    prints = {f.name: _fingerprint_of(m) for f, m in zip(files, metas)}
+    known = {p for p in prints.values() if p is not None}
+    if len(known) > 1:
+        raise AuditInputError(f"{folder}: files come from different CLIP models: {prints}")
+    starts = np.cumsum([0] + [a.shape[0] for a in arrays])
+    positions = sample_positions(int(starts[-1]), max_samples, seed)
+    parts, keys = [], []
+    for i, (f, arr) in enumerate(zip(files, arrays)):
+        local = np.arange(arr.shape[0]) if positions is None else \
+            positions[(positions >= starts[i]) & (positions < starts[i + 1])] - starts[i]
+        parts.append(_validated_rows(arr, str(f), dim=dims[files[0].name], keep=local))
+        keys.extend(f"{f.name}:{j}" for j in local)
+    set_ = EmbeddingSet(label=label or folder.name, path=str(folder), kind="npy-dir", emb=np.concatenate(parts),
+                        keys=keys, n_total=int(starts[-1]), model_fingerprint=next(iter(known), None))
+    missing = [f.name for f, m in zip(files, metas) if _fingerprint_of(m) is None]
+    if missing:
+        set_.warnings.append(f"{folder}: {len(missing)} file(s) without a fingerprint sidecar ({missing[:3]}...)")
+    return set_
+
+
+def load_images(path: str | os.PathLike, *, max_samples: int | None = None, seed: int = 0,
+                skip_corrupt: bool = False, progress: bool = False) -> EmbeddingSet:
+    """Image embeddings from a ``.npy`` file, a folder of ``.npy`` files or an image-embedding shard folder."""
+    p = Path(path)
+    if p.is_dir() and (p / MANIFEST_NAME).is_file():
+        out = load_shard_folder(p, label="images", max_samples=max_samples, seed=seed, skip_corrupt=skip_corrupt,
+                                progress=progress)
+        out.src = None
+        out.kind = "image-shards"
+        return out
+    if p.is_dir():
+        return load_embedding_dir(p, label="images", max_samples=max_samples, seed=seed)
+    if not p.exists():
+        raise AuditInputError(f"{p}: image embeddings not found")
+    return load_embedding_file(p, label="images", max_samples=max_samples, seed=seed)
+
+
+def load_paired(path: str | os.PathLike, *, max_samples: int | None = None, seed: int = 0
+                ) -> tuple[EmbeddingSet, EmbeddingSet]:
+    """A paired evaluation set: ``(images, texts)`` with row i of both describing the same item."""
+    p = Path(path)
+    if p.is_dir():
+        img_path, txt_path = p / "image.npy", p / "text.npy"
+        for f in (img_path, txt_path):
+            if not f.is_file():
+                raise AuditInputError(f"{p}: paired folder needs image.npy and text.npy; {f.name} is missing")
+        image, text = _load_npy(img_path), _load_npy(txt_path)
+        prints = {"image": _fingerprint_of(read_sidecar(img_path)), "text": _fingerprint_of(read_sidecar(txt_path))}
+        names = (str(img_path), str(txt_path))
+    elif p.is_file() and p.suffix == ".npz":
+        try:
+            with np.load(p, allow_pickle=False) as data:
+                missing = {"image", "text"} - set(data.files)
+                if missing:
+                    raise AuditInputError(f"{p}: paired .npz needs arrays 'image' and 'text'; missing {sorted(missing)}")
+                image, text = data["image"], data["text"]
+        except (ValueError, OSError, EOFError) as exc:
+            if isinstance(exc, AuditInputError):
+                raise
+            raise AuditInputError(f"{p}: not a readable .npz ({exc})") from None
+        meta = read_sidecar(p)
+        prints = {"image": _fingerprint_of(meta), "text": _fingerprint_of(meta)}
+        names = (f"{p}[image]", f"{p}[text]")
+    else:
+        raise AuditInputError(f"{p}: paired set must be an .npz with 'image' and 'text' or a folder with "
+                              "image.npy and text.npy")
+    if image.ndim != 2 or text.ndim != 2:
+        raise AuditInputError(f"{p}: paired arrays must be 2-D, got image {image.shape}, text {text.shape}")
+    if image.shape[0] != text.shape[0]:
+        raise AuditInputError(f"{p}: paired arrays must have the same rows, got image N={image.shape[0]}, "
+                              f"text N={text.shape[0]}")
+    if image.shape[1] != text.shape[1]:
+        raise AuditInputError(f"{p}: dimension mismatch between image d={image.shape[1]} and text d={text.shape[1]}")
+    if prints["image"] != prints["text"] and None not in prints.values():
+        raise AuditInputError(f"{p}: paired images and texts come from different CLIP models: {prints}")
+    positions = sample_positions(image.shape[0], max_samples, seed)
+    index = np.arange(image.shape[0]) if positions is None else positions
+    sets = []
+    for kind, arr, name in (("image", image, names[0]), ("text", text, names[1])):
+        s = EmbeddingSet(label=f"paired {kind}", path=name, kind="paired",
+                         emb=_validated_rows(arr, name, keep=positions),
+                         keys=[f"{kind}:{i}" for i in index], n_total=int(arr.shape[0]),
+                         model_fingerprint=prints[kind])
+        if prints[kind] is None:
+            s.warnings.append(f"{name}: no fingerprint sidecar; its CLIP model cannot be verified")
+        sets.append(s)
+    return sets[0], sets[1]
+
+
+# ------------------------------------------------------------------------------- consistency checks
+def check_consistency(sets: Sequence[EmbeddingSet]) -> tuple[int, str | None, list[str]]:
+    """Refuse inputs of different dimensions or CLIP models; returns ``(d, fingerprint, warnings)``.
+
+    Every set with a known fingerprint must share it; sets without one are accepted with a warning
+    (their model cannot be verified).
+    """
+    dims = {s.label: s.dim for s in sets}
+    if len(set(dims.values())) > 1:
+        listing = ", ".join(f"{s.label} ({s.path}) d={s.dim}" for s in sets)
+        raise AuditInputError(f"dimension mismatch between inputs: {listing}")
+    known = {s.label: s.model_fingerprint for s in sets if s.model_fingerprint is not None}
+    if len(set(known.values())) > 1:
+        listing = "; ".join(f"{s.label} ({s.path}): {s.model_fingerprint!r}" for s in sets
+                            if s.model_fingerprint is not None)
+        raise AuditInputError(f"inputs come from different CLIP models, refusing to compare them: {listing}")
+    warnings = [w for s in sets for w in s.warnings]
+    return next(iter(dims.values())), next(iter(known.values()), None), warnings

@@ -1,0 +1,268 @@
+"""Unpaired image embeddings for fitting aligners: embed images with a CLIP image tower, or load
+precomputed ones.
+
+Accepted ``--images`` sources (:func:`image_source_kind`):
+
+``npy``      a ``.npy`` file, a glob of them, or a folder that holds ``.npy`` files and no images, e.g.
+             clip-retrieval's ``img_emb/img_emb_0.npy ...`` (files are read in natural order: ``_2`` before
+             ``_10``) or the output folder of ``pipelines/embed_images.py`` (``img_emb.npy`` + ``img_emb.json``;
+             its model fingerprint is checked against the model in use).
+``folder``   a folder of image files (``.jpg .jpeg .png .webp .bmp .gif``, recursive, sorted by path).
+``shards``   WebDataset tars (a ``.tar`` file, a glob, or a folder of ``.tar``): every sample with a
+             ``jpg``/``jpeg``/``png``/``webp`` member is embedded.
+
+All functions return float32 (N, d) L2-normalised rows. Images that cannot be decoded are skipped,
+counted and named in a warning (never silently).
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import io
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..embeddings import l2_normalize
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+#: File names written by :func:`save_image_embeddings` (and ``pipelines/embed_images.py``).
+EMB_FILE = "img_emb.npy"
+META_FILE = "img_emb.json"
+KEYS_FILE = "img_keys.txt"
+
+
+def _natural_key(path: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def _expand(path: str | os.PathLike, exts: Sequence[str]) -> list[str]:
+    p = os.fspath(path)
+    if os.path.isfile(p):
+        return [p]
+    if os.path.isdir(p):
+        return sorted((str(q) for q in Path(p).rglob("*") if q.is_file() and q.suffix.lower() in exts),
+                      key=_natural_key)
+    if globlib.has_magic(p):
+        return sorted((q for q in globlib.glob(p, recursive=True) if os.path.isfile(q)), key=_natural_key)
+    raise FileNotFoundError(f"image source {p!r} does not exist")
+
+
+def image_source_kind(path: str | os.PathLike) -> str:
+    """``"npy"``, ``"folder"`` or ``"shards"`` for an ``--images`` argument (``ValueError`` if none fits)."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        files = [q for q in Path(p).rglob("*") if q.is_file()]
+        if any(q.suffix.lower() in IMAGE_EXTS for q in files):
+            return "folder"
+        if any(q.suffix.lower() == ".tar" for q in files):
+            return "shards"
+        if any(q.suffix.lower() == ".npy" for q in files):
+            return "npy"
+        raise ValueError(f"{p}: folder holds no images, .tar shards or .npy embeddings")
+    files = _expand(p, (".npy", ".tar") + IMAGE_EXTS)
+    if not files:
+        raise ValueError(f"{p!r} matches no files")
+    sufs = {Path(f).suffix.lower() for f in files}
+    if sufs == {".npy"}:
+        return "npy"
+    if sufs == {".tar"}:
+        return "shards"
+    if sufs <= set(IMAGE_EXTS):
+        return "folder"
+    raise ValueError(f"{p!r} mixes file types {sorted(sufs)}; give .npy embeddings, images or .tar shards")
+
+
+def describe_image_source(path: str | os.PathLike) -> dict[str, Any]:
+    """JSON identity of an image source for run configs: kind, files (path, size, mtime_ns)."""
+    kind = image_source_kind(path)
+    exts = {"npy": (".npy",), "folder": IMAGE_EXTS, "shards": (".tar",)}[kind]
+    files = _expand(path, exts)
+    listing = [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return {"path": os.path.abspath(os.fspath(path)), "kind": kind, "files": len(files), "listing_sha256": digest}
+
+
+# ------------------------------------------------------------------------------------ precomputed
+def load_npy_embeddings(path: str | os.PathLike, *, model_fingerprint: str | None = None,
+                        limit: int | None = None) -> np.ndarray:
+    """Concatenate ``.npy`` embedding files (float16/float32, (n, d) each) into float32 (N, d), normalised.
+
+    If the folder has an ``img_emb.json`` with a ``model`` fingerprint different from ``model_fingerprint``,
+    raises ``ValueError`` (embeddings of another model live in another space).
+    """
+    p = os.fspath(path)
+    meta_path = Path(p) / META_FILE if os.path.isdir(p) else Path(p).with_name(META_FILE)
+    if model_fingerprint is not None and meta_path.is_file():
+        stored = json.loads(meta_path.read_text()).get("model")
+        if stored is not None and stored != model_fingerprint:
+            raise ValueError(f"{p}: image embeddings were computed with {stored!r}, not {model_fingerprint!r}")
+    files = _expand(p, (".npy",))
+    parts = []
+    total = 0
+    for f in files:
+        arr = np.load(f, mmap_mode="r", allow_pickle=False)
+        if arr.ndim != 2:
+            raise ValueError(f"{f}: expected a 2-D (n, d) array, got shape {arr.shape}")
+        if parts and arr.shape[1] != parts[0].shape[1]:
+            raise ValueError(f"{f}: dimension {arr.shape[1]} differs from {files[0]} ({parts[0].shape[1]})")
+        take = arr if limit is None else arr[: max(0, limit - total)]
+        parts.append(np.asarray(take, dtype=np.float32))
+        total += len(take)
+        if limit is not None and total >= limit:
+            break
+    if not parts or total == 0:
+        raise ValueError(f"{p}: no embeddings found")
+    out = np.concatenate(parts)
+    if not np.isfinite(out).all():
+        row = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
+        raise ValueError(f"{p}: row {row} of the image embeddings contains NaN/Inf")
+    return l2_normalize(out.astype(np.float64)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------- embedding images
+class _ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, files: Sequence[str], preprocess: Callable):
+        self.files, self.preprocess = files, preprocess
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[i]) as im:
+                return self.files[i], self.preprocess(im.convert("RGB")), None
+        except Exception as exc:  # corrupt/unsupported image: reported by the caller
+            return self.files[i], None, f"{type(exc).__name__}: {exc}"
+
+
+class _ShardImages(torch.utils.data.IterableDataset):
+    def __init__(self, urls: Sequence[str], preprocess: Callable):
+        self.urls, self.preprocess = list(urls), preprocess
+
+    def __iter__(self):
+        from PIL import Image
+
+        from ..shards.reader import iter_tar_samples
+
+        info = torch.utils.data.get_worker_info()
+        urls = self.urls if info is None else self.urls[info.id :: info.num_workers]
+        for url in urls:
+            for sample in iter_tar_samples(url):
+                ext = next((k for k in WDS_IMAGE_KEYS if k in sample), None)
+                key = f"{url}:{sample['__key__']}"
+                if ext is None:
+                    continue
+                try:
+                    with Image.open(io.BytesIO(sample[ext])) as im:
+                        yield key, self.preprocess(im.convert("RGB")), None
+                except Exception as exc:
+                    yield key, None, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(items):
+    keys = [k for k, x, _ in items if x is not None]
+    xs = [x for _, x, _ in items if x is not None]
+    bad = [(k, e) for k, x, e in items if x is None]
+    return keys, (torch.stack(xs) if xs else None), bad
+
+
+def embed_images(path: str | os.PathLike, model, preprocess: Callable, *, device: str | torch.device = "cpu",
+                 batch_size: int = 64, num_workers: int = 0, limit: int | None = None,
+                 precision: str = "auto", progress: bool = False) -> tuple[np.ndarray, list[str], list]:
+    """Embed an image folder or image shards with ``model.encode_image``.
+
+    Returns ``(emb float32 (N, d) L2-normalised, keys, failures)`` where keys are file paths (folder) or
+    ``url:key`` (shards) in reading order and failures lists ``(key, error)`` of undecodable images.
+    ``precision``: ``auto`` = bf16 autocast on CUDA, fp32 on CPU.
+    """
+    kind = image_source_kind(path)
+    if kind == "npy":
+        raise ValueError(f"{path}: holds precomputed embeddings; use load_npy_embeddings")
+    if kind == "folder":
+        files = _expand(path, IMAGE_EXTS)
+        ds: torch.utils.data.Dataset = _ImageFiles(files, preprocess)
+        total = len(files) if limit is None else min(limit, len(files))
+    else:
+        ds = _ShardImages(_expand(path, (".tar",)), preprocess)
+        total = limit
+    device = torch.device(device)
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    model = model.to(device).eval()
+    outs, keys, failures = [], [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="img", desc="embed images")
+    with torch.inference_mode():
+        for bkeys, x, bad in loader:
+            failures.extend(bad)
+            if x is not None:
+                if limit is not None and len(keys) + len(bkeys) > limit:
+                    cut = limit - len(keys)
+                    bkeys, x = bkeys[:cut], x[:cut]
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                    feats = model.encode_image(x.to(device))
+                outs.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
+                keys.extend(bkeys)
+            if bar is not None:
+                bar.update(len(bkeys) + len(bad))
+            if limit is not None and len(keys) >= limit:
+                break
+    if bar is not None:
+        bar.close()
+    if failures:
+        shown = "; ".join(f"{k} ({e})" for k, e in failures[:5])
+        logger.warning("skipped %d undecodable image(s): %s%s", len(failures), shown, " ..." if len(failures) > 5 else "")
+    if not outs:
+        raise ValueError(f"{path}: no decodable images found ({len(failures)} failed)")
+    return np.concatenate(outs).astype(np.float32), keys, failures
+
+
+def load_image_embeddings(path: str | os.PathLike, *, model=None, preprocess: Callable | None = None,
+                          model_fingerprint: str | None = None, device: str | torch.device = "cpu",
+                          batch_size: int = 64, num_workers: int = 0, limit: int | None = None,
+                          progress: bool = False) -> np.ndarray:
+    """Image embeddings float32 (N, d), L2-normalised, from any accepted source (see module docstring).
+
+    ``model``/``preprocess`` are needed only for image folders and shards.
+    """
+    if image_source_kind(path) == "npy":
+        return load_npy_embeddings(path, model_fingerprint=model_fingerprint, limit=limit)
+    if model is None or preprocess is None:
+        raise ValueError(f"{path}: embedding images needs the CLIP model and its preprocess transform")
+    emb, _, _ = embed_images(path, model, preprocess, device=device, batch_size=batch_size,
+                             num_workers=num_workers, limit=limit, progress=progress)
+    return emb
+
+
+def save_image_embeddings(out_dir: str | os.PathLike, emb: np.ndarray, keys: Sequence[str], *,
+                          meta: dict[str, Any], dtype: str = "fp32") -> Path:
+    """Write ``img_emb.npy`` (float32 or float16 (N, d)), ``img_keys.txt`` and ``img_emb.json`` atomically."""
+    from ..shards.writer import atomic_write_bytes, atomic_write_json
+    from ..shards.schema import npy_bytes
+
+    if dtype not in ("fp32", "fp16"):
+        raise ValueError(f"dtype must be fp32 or fp16 for image embeddings, got {dtype!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arr = np.asarray(emb, dtype=np.float16 if dtype == "fp16" else np.float32)
+    atomic_write_bytes(out / EMB_FILE, npy_bytes(arr))
+    atomic_write_bytes(out / KEYS_FILE, ("".join(k.replace("\n", " ") + "\n" for k in keys)).encode("utf-8"))
+    atomic_write_json(out / META_FILE, {**meta, "count": int(arr.shape[0]), "dim": int(arr.shape[1]), "dtype": dtype})
+    return out

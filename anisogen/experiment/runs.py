@@ -1,0 +1,113 @@
+"""One training run of the experiment: write its data (JSONL + ``.npy``), call the trainer, load the
+export; and the two evaluations every run gets (captions, instruction QA + POPE) on real embeddings."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .scoring import caption_scores, pope_scores, qa_correct, yes_no
+
+
+def write_caption_data(folder: Path, captions, emb: np.ndarray) -> tuple[str, str]:
+    """Stage-1 data: one ``<image>`` -> caption conversation per row of ``emb``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    npy, jsonl = folder / "emb.npy", folder / "captions.jsonl"
+    np.save(npy, np.ascontiguousarray(emb, dtype=np.float32))
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for i, c in enumerate(captions):
+            f.write(json.dumps({"id": f"c{i:07d}", "image": i, "conversations": [
+                {"from": "human", "value": "<image>"}, {"from": "gpt", "value": c}]}) + "\n")
+    return str(jsonl), str(npy)
+
+
+def write_instruction_data(folder: Path, records, emb: np.ndarray) -> tuple[str, str]:
+    """Stage-2 data: each conversation points at its scene's row of ``emb``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    npy, jsonl = folder / "emb.npy", folder / "instructions.jsonl"
+    np.save(npy, np.ascontiguousarray(emb, dtype=np.float32))
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for i, r in enumerate(records):
+            f.write(json.dumps({"id": f"q{i:07d}", "image": int(r["scene"]), "conversations": r["conversation"]}) + "\n")
+    return str(jsonl), str(npy)
+
+
+def train_run(output_dir: Path, *, lm: str, train_jsonl: str, emb_npy: str, template: str, steps: int,
+              batch_size: int, lr: float, seed: int, method: str = "projector", method_options=None,
+              init_from: str | None = None, adapter_lr: float = 2e-4, freeze_projector: bool = False,
+              post=(), max_length: int = 256) -> dict:
+    """Run :func:`anisogen.train.train` in-process (one CPU process) and return its summary + seconds."""
+    from ..train import TrainConfig, train
+
+    cfg = TrainConfig(
+        output_dir=str(output_dir), lm=lm, train_jsonl=train_jsonl, emb_npy=emb_npy, template=template,
+        max_length=max_length, projector="mlp2x_gelu", init_from=init_from, method=method,
+        method_options=dict(method_options or {}), freeze_projector=freeze_projector, batch_size=batch_size,
+        max_steps=steps, lr=lr, adapter_lr=adapter_lr, seed=seed, mixed_precision="no", num_workers=0,
+        log_generations=0, log_every=max(1, steps // 5), save_every=0, keep_checkpoints=1, resume=False,
+        post=list(post), progress=False,
+    )
+    t0 = time.perf_counter()
+    summary = train(cfg)
+    summary = dict(summary or {})
+    summary["seconds"] = time.perf_counter() - t0
+    summary["export_dir"] = str(Path(output_dir) / "export")
+    return summary
+
+
+def evaluate_captions(export, emb: np.ndarray, scenes, references, *, max_new_tokens: int, batch_size: int) -> dict:
+    """Greedy captions on ``emb`` scored against ``scenes``; caption loss of ``references``."""
+    from ..train import load_export
+
+    m = load_export(export) if isinstance(export, (str, Path)) else export
+    gens = m.generate(emb, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    loss = m.caption_loss(emb, list(references), batch_size=batch_size)
+    scores = caption_scores(gens, scenes)
+    per = scores.pop("per_sample")
+    return {"attributes": scores, "caption_loss": loss["loss"],
+            "samples": [{"scene": s.describe(), "reference": r, "generated": g, **p}
+                        for s, r, g, p in zip(scenes, references, gens, per)]}
+
+
+def evaluate_qa(export, emb: np.ndarray, qa_records, *, max_new_tokens: int, batch_size: int) -> dict:
+    """Answer each held-out question with the real image embedding of its scene; QA accuracy by type
+    (``exists`` excluded: that is the POPE probe) and POPE metrics on the yes/no existence questions."""
+    from ..train import load_export
+
+    m = load_export(export) if isinstance(export, (str, Path)) else export
+    convs = [[{"role": "user", "content": "<image>\n" + r["question"]}] for r in qa_records]
+    rows = emb[[r["scene"] for r in qa_records]]
+    gens = m.generate(rows, conversations=convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    by_type: dict[str, list[bool]] = {}
+    truth, pred = [], []
+    for r, g in zip(qa_records, gens):
+        if r["type"] == "exists":
+            truth.append(r["answer"])
+            pred.append(yes_no(g))
+        else:
+            by_type.setdefault(r["type"], []).append(qa_correct(r["type"], r["answer"], g))
+    allq = [x for v in by_type.values() for x in v]
+    return {"qa_accuracy": float(np.mean(allq)) if allq else float("nan"),
+            "qa_by_type": {k: float(np.mean(v)) for k, v in sorted(by_type.items())},
+            "n_questions": len(allq), "pope": pope_scores(truth, pred),
+            "samples": [{"question": r["question"], "answer": r["answer"], "generated": g}
+                        for r, g in zip(qa_records[:20], gens[:20])]}
+
+
+def trainable_parameters(export_dir) -> int:
+    """Parameters an adapter method trained, counted from its export: LoRA / Gap-Init adapter tensors
+    (``adapter/adapter_model.safetensors``) or MoReS steering parameters (``extras.safetensors``)."""
+    from safetensors import safe_open
+
+    export_dir = Path(export_dir)
+    files = [export_dir / "adapter" / "adapter_model.safetensors", export_dir / "extras.safetensors"]
+    total = 0
+    for f in files:
+        if f.is_file():
+            with safe_open(str(f), framework="np") as fh:
+                for k in fh.keys():
+                    total += int(np.prod(fh.get_slice(k).get_shape()))
+    return total
