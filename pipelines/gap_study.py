@@ -140,11 +140,11 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     command = study_command(p, result, args.model, args.pretrained, args.threads, args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_markdown(result, command=command), encoding="utf-8")
-    if args.json:
+    if args.json:  # first, so that the results survive a failure while rendering
         Path(args.json).write_text(json.dumps(_jsonable(dict(result, command=command)), indent=1, sort_keys=True),
                                    encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_markdown(result, command=command), encoding="utf-8")
     print(f"wrote {out} ({result['timings']['total_s']} s)")
     return 0
 

@@ -279,7 +279,7 @@ def _toy_world_sft(tmp_path, n_scenes=64):
 @pytest.mark.parametrize("method,opts,lrs", [
     ("projector", [], (1e-3, 1e-3)),
     ("gap_init", ["calib_samples=32"], (1e-3, 2e-3)),
-    ("mores", ["positions=all"], (1e-3, 2e-4)),  # paper lr 2e-4: W.h scales with SmolLM2's large hidden norms
+    ("mores", ["positions=all"], (1e-3, 2e-4)),  # authors' lr 2e-4; default dropout_on=delta (docs/METHODS.md)
 ])
 def test_smollm2_each_method_lowers_instruction_loss(tmp_path, method, opts, lrs):
     import numpy as np

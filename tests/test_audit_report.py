@@ -7,6 +7,7 @@ CLI level.
 
 import base64
 import json
+import os
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -153,7 +154,7 @@ def test_gate_failure_exits_1_with_a_clear_message(world, tmp_path):
     cmd = [sys.executable, str(ROOT / "pipelines" / "audit.py"), "--shards", str(world["folders"]["centroid"]),
            "--images", str(world["images_path"]), "--out", str(tmp_path / "r"), "--k", "10",
            "--fail-if", "M_k_Z>0.05", "--fail-if", "delta_mu>0.05", *FAST]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"})
     assert proc.returncode == 1, proc.stderr
     assert "GATE FAILED [shards_centroid] M_k_Z>0.05: M_k_Z = 0." in proc.stderr
     assert "delta_mu>0.05" not in proc.stderr  # that gate passed
@@ -307,3 +308,21 @@ def test_nan_sample_and_dimension_mismatch_exit_2_naming_the_input(world, tmp_pa
     assert audit_cli.main(["--shards", str(wide), *base]) == 2
     err = capsys.readouterr().err
     assert "dimension mismatch between inputs" in err and "wide" in err and "d=28" in err and "d=24" in err
+
+
+def test_same_seed_gives_the_same_report_and_plot_bytes(world, tmp_path):
+    reports = []
+    for name in ("a", "b"):
+        argv = ["--shards", str(world["folders"]["realign"]), "--images", str(world["images_path"]), "--out",
+                str(tmp_path / name), "--k", "5", "--max-samples", "500", "--max-queries", "200", *FAST]
+        assert audit_cli.main(argv) == 0
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        for volatile in ("timings", "command", "settings"):
+            report.pop(volatile)
+        for graph in report["folders"][0]["knn"].values():  # wall-clock seconds of each kNN search
+            graph.pop("seconds")
+        reports.append(report)
+    assert reports[0]["folders"][0]["n_sampled"] == 500
+    assert reports[0] == reports[1]
+    for png in sorted((tmp_path / "a" / "plots").glob("*.png")):
+        assert png.read_bytes() == (tmp_path / "b" / "plots" / png.name).read_bytes(), png.name

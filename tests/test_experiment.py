@@ -151,7 +151,8 @@ def test_document_is_written(ci_run):
     assert "qualitative" in text
     assert "47.49" in text  # the paper's AnisoAlign Table 1 average sits beside ours
     # every goal row is present with a verdict
-    assert text.count("AnisoAlign beats") == 2 + text.count("AnisoAlign beats c3")  # realign, identity (+ c3 if run)
+    for other in ("realign", "identity"):
+        assert f"| AnisoAlign beats {other} |" in text
     assert "Gap-Init seed std" in text and "APP beats the naive task vector" in text
 
 

@@ -346,3 +346,78 @@ def test_trainer_mores_run_and_export(tmp_path):
     assert steered < unsteered  # the trained steering is active in the loaded export and helps
     for R in (v for k, v in mores.steering_state().items() if k.endswith(".R")):
         assert torch.allclose(R @ R.T, torch.eye(2), atol=1e-5)
+
+
+def test_default_dropout_leaves_the_residual_stream_intact():
+    from anisogen.train.mores import MORES_OPTIONS
+
+    assert MORES_OPTIONS["dropout_on"][0] == "delta"
+    torch.manual_seed(0)
+    m = MoReS(H, 1, dropout=0.5, init_identity=True).train()
+    assert m.config["dropout_on"] == "delta"
+    h = torch.randn(64, H)
+    iv = m.interventions["0"]
+    assert torch.allclose(iv(h), h, atol=1e-5)  # identity delta: dropout on it changes nothing
+    # a non-zero delta: every coordinate of h survives, i.e. out - h is a dropped-out copy of the delta
+    _interventions_differ_from_identity(m)
+    with torch.no_grad():
+        d = iv.delta(h)
+        out = iv(h)
+    kept = (out - h).abs() > 1e-6
+    assert 0 < int((~kept).sum()) < h.numel()  # some delta entries dropped, never h itself
+    assert torch.allclose((out - h)[kept], 2 * d[kept], atol=1e-4)
+    assert torch.allclose((out - h)[~kept], torch.zeros(()), atol=1e-6)
+    faithful = MoReS(H, 1, dropout=0.5, dropout_on="output").train()
+    assert (faithful.interventions["0"](h) == 0).any()  # the authors' placement drops entries of h + delta
+
+
+def test_visual_mask_hook_drives_steering_and_rebinding():
+    from anisogen.train.mores import bind_embedding_lm
+
+    lm = tiny_llama()
+    torch.manual_seed(1)
+    elm = EmbeddingLM(lm, build_projector("expand4", 8, H), IMG, 1)
+    ids = torch.tensor([[0, 0, 1, IMG, IMG, IMG, IMG, 7], [1, 5, IMG, IMG, IMG, IMG, 9, 9]])  # left padded row 0
+    am = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    emb = torch.randn(2, 1, 8)
+    got = []
+    handle = elm.register_visual_mask_hook(lambda vm: got.append(vm.clone()))
+    with torch.no_grad():
+        elm(ids, am, emb)
+        elm.generate(ids, am, emb, max_new_tokens=2, pad_token_id=0)
+    assert len(got) == 2 and all(torch.equal(g, ids == IMG) for g in got)
+    handle.remove()
+    with torch.no_grad():
+        elm(ids, am, emb)
+    assert len(got) == 2
+    from anisogen.train.model import PlaceholderMismatch
+
+    handle = elm.register_visual_mask_hook(lambda vm: got.append(vm))
+    bad = ids.clone()
+    bad[1, 2] = 5  # 3 placeholders in row 1
+    with pytest.raises(PlaceholderMismatch, match="row 1"):  # rejected before any hook runs
+        elm.embed(bad, emb)
+    assert len(got) == 2
+    handle.remove()
+    assert not elm._visual_mask_hooks
+
+    first = MoReS(H, 2, dropout=0.0, positions="f1")
+    second = MoReS(H, 2, dropout=0.0, positions="l1")
+    bind_embedding_lm(elm, first)
+    bind_embedding_lm(elm, first)  # idempotent
+    assert len(elm._visual_mask_hooks) == 1 and len(first._handles) == 2
+    with torch.no_grad():
+        elm(ids, am, emb)
+    want = torch.zeros(2, 8, dtype=torch.bool)
+    want[0, 3] = want[1, 2] = True  # first placeholder of each row, whatever the padding side
+    assert torch.equal(first._mask, want)
+    bind_embedding_lm(elm, second)  # replaces the first: its hooks are gone, its mask cleared
+    assert elm.extras["mores"] is second and first._mask is None and not first._handles
+    assert len(elm._visual_mask_hooks) == 1 and sum(len(b._forward_hooks) for b in lm.model.layers) == 2
+    with torch.no_grad():
+        elm(ids, am, emb)
+    want = torch.zeros(2, 8, dtype=torch.bool)
+    want[0, 6] = want[1, 5] = True
+    assert torch.equal(second._mask, want)
+    second.unbind()
+    assert not elm._visual_mask_hooks and sum(len(b._forward_hooks) for b in lm.model.layers) == 0

@@ -172,6 +172,7 @@ def test_gap_study_small_run_and_rerender(tmp_path):
     s, gap, m = result["settings"], result["gap"], result["methods"]
     assert (s["n_text"], s["n_images"], s["n_pairs"], s["n_retrieval"], s["k"], s["seed"]) == (240, 160, 120, 60, 5, 2)
     assert s["aligners"] == ["identity", "centroid"] and set(m) == {"identity", "centroid"}
+    assert result["diagnostics"] == {}  # diagnostic fits only run with their base aligner (anisoalign-init, c3)
     # identity: the substitute is the caption itself, so Delta_mu is the held-out centroid gap G_mu and Phi = 1
     assert m["identity"]["delta_mu"] == pytest.approx(gap["G_mu"], abs=1e-5)
     assert m["identity"]["Phi"] == pytest.approx(1.0, abs=1e-5)
@@ -229,3 +230,36 @@ def test_gap_study_verdicts_respect_metric_direction():
     assert "delta_mu 0.050 vs 0.010" in lines[0] and "worse on 1" in lines[0]
     assert lines[1].startswith("AnisoAlign does not beat `c3` on this world")
     assert _verdicts({"anisoalign": base, "realign": dict(base)})[0].startswith("AnisoAlign ties with `realign`")
+
+
+def test_gap_study_markdown_from_a_synthetic_result():
+    from anisogen.toyworld.gap_study import render_markdown
+
+    def rep(**kw):
+        base = {"Phi": 0.9, "Psi": 0.9, "Omega_k": 0.9, "delta_mu": 0.01, "M_k_Z": 0.8, "M_k_X": 0.7, "A_r_T": 15.0,
+                "z2x_r1": 0.9, "x2z_r1": 0.9, "fit_s": 1.0, "params": {}}
+        return {**base, **kw}
+
+    aniso_params = {"rank": None, "stage1_steps": 2000}
+    init = rep(Omega_k=0.8, M_k_X=0.85, params=aniso_params)
+    methods = {"identity": rep(Phi=1.0, delta_mu=0.5), "c3": rep(Phi=0.5, params={"sigma": 0.125}),
+               "realign": rep(Omega_k=0.93, M_k_X=0.76), "anisoalign": rep(Omega_k=0.78, M_k_X=0.87, params=aniso_params),
+               "anisoalign-init": init, "anisoalign-phase": dict(init)}
+    result = {"settings": {"fingerprint": "toy|x", "n_text": 10, "n_images": 10, "n_pairs": 30, "n_retrieval": 30,
+                           "k": 5, "seed": 0, "d": 64, "q": 6, "aligners": list(methods), "overrides": {}},
+              "gap": {"C_lambda": 0.9, "O_q": 0.8, "O_q_random": 0.1, "G_mu": 0.5, "G_Sigma": 0.4, "D_center": 0.5,
+                      "R_res": 0.7, "A_r": 14.0, "d_eff_ratio": 0.13, "q": 6},
+              "methods": methods,
+              "diagnostics": {"anisoalign-init, v_scaling=identity": rep(Omega_k=0.92, M_k_X=0.75)},
+              "timings": {"total_s": 12.0, "embed_s": 3.0, "cpu_s": 20.0, "load_avg_1m": 1.5, "cpus": 2}}
+    md = render_markdown(result, command="python pipelines/gap_study.py --out X.md")
+    assert "- Runtime: 12.0 s wall-clock in total (embedding 3.0 s), 20.0 s of CPU time (all threads); " \
+           "1-minute load average 1.5 on 2 CPUs at the end." in md
+    assert "| `anisoalign` | 0.900 | 0.900 | 0.780 | 0.010 | 0.800 | 0.870 | 15.000 | 0.900 | 0.900 | 1.0 |" in md
+    assert "| anisoalign-init, v_scaling=identity | 0.900 | 0.900 | 0.920 |" in md
+    assert "- `anisoalign-init`: same as `anisoalign`" in md and "- `c3`: sigma=0.125" in md
+    assert "Ablations with metrics identical to `anisoalign-init` (global initialisation only): `anisoalign-phase`." in md
+    assert ("AnisoAlign ties with `realign` on this world: better on 1 metrics (M_k_X 0.870 vs 0.760), "
+            "worse on 1 (Omega_k 0.780 vs 0.930)") in md  # 1 win, 1 loss is a tie
+    assert "The largest recovery of Ω_k comes from `v_scaling=identity`: the reshaping" in md
+    assert "norm ≈ σ√d = 1.00 against unit embeddings at d = 64" in md

@@ -20,6 +20,7 @@ lives and of casting between float16/bfloat16 storage and float32 compute when v
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -170,7 +171,7 @@ def load_clip(
     else:
         if name not in open_clip.list_models():
             raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_random_init(kind == "file"):
             torch.manual_seed(seed)
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
         if kind == "file":
@@ -182,6 +183,27 @@ def load_clip(
     tokenizer = open_clip.get_tokenizer(name)
     model.anisogen_fingerprint = clip_fingerprint(model, name, pretrained)
     return model, preprocess, tokenizer
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init(active: bool):
+    """Hide open_clip's "initialized randomly" warning while building a model whose checkpoint (a local
+    file or the bundled toy weights) is loaded right after; it would be false there."""
+    if not active:
+        yield
+        return
+    flt = _DropRandomInitWarning()
+    root = logging.getLogger()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
 
 
 def embed_dim(model: torch.nn.Module) -> int:

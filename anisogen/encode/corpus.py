@@ -190,7 +190,7 @@ def parse_line(raw: str, row: int, kind: str, text_field: str, id_field: str | N
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        return Reject(row, "invalid_json", f"{exc.msg} at column {exc.colno}")
+        return Reject(row, "invalid_json", f"{exc.msg} (column {exc.colno})")
     return parse_fields(obj, row, text_field, id_field, null_is_missing=False)
 
 

@@ -49,8 +49,13 @@ def render_report(res: dict) -> str:
         f"stage 1 and the stage-2 merge / PEFT runs); stage-2 seed study over seeds {cfg['stage2_seeds']}.\n"
         f"* machine: {res['machine']}.\n"
         f"* total runtime **{_secs(t['total'])}**: data {_secs(t['data'])}, LM text pretraining "
-        f"{_secs(t['lm'])}, aligner fits {_secs(t['aligners'])}, stage 1 {_secs(t['stage1'])}, "
-        f"stage 2 {_secs(t.get('stage2', 0.0))}.\n"
+        f"{_secs(t['lm'])}" + (f" (reused from the cache under `--out`; training it took "
+                               f"{_secs((res.get('lm_pretraining') or {})['seconds'])})"
+                               if (res.get("lm_pretraining") or {}).get("seconds", 0) > 2 * t["lm"] + 1 else "")
+        + f", aligner fits {_secs(t['aligners'])}, stage 1 {_secs(t['stage1'])}, "
+        f"stage 2 {_secs(t.get('stage2', 0.0))}"
+        + (f" (1-minute load average at the end: {t['load_average_at_end']:.1f} — the machine was shared, so "
+           f"runtimes are upper bounds)" if t.get("load_average_at_end") else "") + ".\n"
         f"* everything is deterministic in the seed (single process, fixed data order); rerunning the command "
         f"gives the same tables up to the runtimes.\n")
     out.append("## Setup\n")
@@ -190,11 +195,20 @@ def analysis(res: dict, goals: list[dict]) -> list[str]:
         f"between two rows are within noise.")
     cos = {n: s1[n]["substitute_cosine_to_image"] for n in s1 if n not in ("oracle", "blind")}
     best_cos = max(cos, key=cos.get)
-    lines.append(
-        f"* **Geometry vs transfer.** The substitutes closest to the real image embeddings of their own scenes "
-        f"are `{best_cos}`'s (mean cosine {cos[best_cos]:.3f}; raw text: {cos.get('identity', float('nan')):.3f}). "
-        "Closing the centroid gap (everything but `identity`) is what turns text-trained projectors into "
-        "image-usable ones; the remaining differences between the centred aligners are smaller.")
+    text = (f"* **Geometry vs transfer.** The substitutes closest to the real image embeddings of their own scenes "
+            f"are `{best_cos}`'s (mean cosine {cos[best_cos]:.3f}")
+    if "identity" in s1:
+        others = [n for n in cos if n != "identity"]
+        text += f"; raw text: {cos['identity']:.3f})."
+        if others:
+            best = max(others, key=lambda n: s1[n]["attributes"]["mean"])
+            d = s1[best]["attributes"]["mean"] - s1["identity"]["attributes"]["mean"]
+            text += (f" The best aligner (`{best}`) is {d:+.3f} in mean attribute accuracy over training on raw text "
+                     f"embeddings (`identity`), " + ("beyond" if abs(d) > 2 * se else "within")
+                     + " two standard errors.")
+    else:
+        text += ")."
+    lines.append(text)
     if s2:
         m = s2["merge"]
         app_k = next(k for k in m if k.startswith("APP"))

@@ -87,6 +87,7 @@ def run_experiment(cfg: ExperimentConfig, *, doc_path: str | None = None, comman
         s2 = run_stage2(cfg, world, lm, s1, aligners, log=log)
         timings["stage2"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
+    timings["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     res = _jsonable({"config": cfg.to_dict(), "command": command or "python pipelines/experiment.py",
                      "machine": _machine(), "timings": timings, "lm_pretraining": lm_info,

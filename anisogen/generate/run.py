@@ -319,14 +319,17 @@ class _Progress:
     def __init__(self, enabled: bool, total: int | None, out: Path, sps: int):
         self.bar = None
         self.out, self.sps, self.last = out, sps, 0.0
+        self.extra: dict | None = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, unit="sample", unit_scale=True, desc="generate", smoothing=0.1)
+            self.bar = tqdm(total=total, unit="sample", desc="generate", smoothing=0.1)
 
     def update(self, force: bool = False, extra: dict | None = None) -> None:
         if self.bar is None:
             return
+        if extra:
+            self.extra = extra
         now = time.monotonic()
         if not force and now - self.last < 0.5:
             return
@@ -336,8 +339,8 @@ class _Progress:
             done = min(done, self.bar.total)
         if done > self.bar.n:
             self.bar.update(done - self.bar.n)
-        if extra:
-            self.bar.set_postfix(extra, refresh=False)
+        if self.extra:
+            self.bar.set_postfix(self.extra, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -16,8 +16,16 @@ Implementation choices (named options, see ``docs/METHODS.md``):
 * ``R`` is ``nn.Linear(D, r).weight`` under ``torch.nn.utils.parametrizations.orthogonal`` (Householder,
   always float32, computed with autocast disabled). ``trivialization=False`` (default) keeps the whole
   state in the (r, D) parameter (no D x D buffer, exact resume); ``True`` is the torch/pyreft default.
-* ``dropout_on="output"`` (default, faithful to the authors' code: ``dropout(h + delta)`` at steered
-  positions) or ``"delta"`` (``h + dropout(delta)``).
+* ``dropout_on="delta"`` (default: ``h + dropout(delta)``, so that dropout never touches the residual
+  stream) or ``"output"`` (faithful to the authors' code: ``dropout(h + delta)`` at steered positions).
+  The faithful placement zeroes 5% of the coordinates of the whole residual vector of every steered
+  token at every layer. With one visual token per sample, whose residual stream concentrates most of
+  its norm in a few massive coordinates (SmolLM2-135M: 61% of ||h||^2 in 2 of 576 dims at layer 15),
+  that is a heavy random corruption of the image information: the train-mode loss of one SmolLM2
+  batch is 3.74 on average over 8 dropout draws (range 2.75-5.13) against 2.78 without dropout, and a
+  24-step instruction run did not lower the loss (2.877 -> 2.911). ``delta`` keeps the train-mode
+  loss within 0.03 of the eval loss. Choose ``output`` to reproduce the authors exactly (e.g. many
+  visual tokens, of which only ~1% are steered).
 * ``init_identity=True`` sets ``W = R, b = 0`` so that the intervention starts as the identity (our
   extension; the paper's ``W`` is a random ``nn.Linear``).
 * positions: ``ratio:F`` (``max(1, round(F * n_visual))`` evenly spaced visual tokens; default
@@ -112,14 +120,14 @@ class SteeringIntervention(nn.Module):
 
     Args:
         dim: D, the hidden size. rank: r (paper: 1).
-        dropout: probability (authors: 0.05). dropout_on: ``output`` (faithful) | ``delta``.
+        dropout: probability (authors: 0.05). dropout_on: ``delta`` (default) | ``output`` (faithful).
         init_identity: start with ``W = R, b = 0`` (identity map).
         trivialization: ``use_trivialization`` of the orthogonal parametrization (see module doc).
     Parameters: ``rotate.parametrizations.weight.original`` (r, D), ``proj.weight`` (r, D),
     ``proj.bias`` (r,): r(2D+1) in total.
     """
 
-    def __init__(self, dim: int, rank: int = 1, *, dropout: float = 0.05, dropout_on: str = "output",
+    def __init__(self, dim: int, rank: int = 1, *, dropout: float = 0.05, dropout_on: str = "delta",
                  init_identity: bool = False, trivialization: bool = False):
         super().__init__()
         if not 1 <= rank <= dim:
@@ -176,7 +184,7 @@ class MoReS(nn.Module):
             out = lm(inputs_embeds=..., attention_mask=...)
     """
 
-    def __init__(self, dim: int, num_layers: int, *, rank: int = 1, dropout: float = 0.05, dropout_on: str = "output",
+    def __init__(self, dim: int, num_layers: int, *, rank: int = 1, dropout: float = 0.05, dropout_on: str = "delta",
                  init_identity: bool = False, trivialization: bool = False, layers: Sequence[int] | None = None,
                  positions: str = "ratio:0.01"):
         super().__init__()
@@ -396,7 +404,8 @@ MORES_OPTIONS = {
     "layers": ("all", "decoder layers to steer: all | comma-separated indices"),
     "positions": ("ratio:0.01", f"steered visual positions: {POSITIONS_HELP}"),
     "dropout": (0.05, "dropout probability"),
-    "dropout_on": ("output", "output (faithful: dropout(h + delta)) | delta (h + dropout(delta))"),
+    "dropout_on": ("delta", "delta (h + dropout(delta); residual stream never dropped) | output (authors' code: "
+                            "dropout(h + delta))"),
     "init_identity": (False, "start as the identity (W = R, b = 0)"),
     "trivialization": (False, "use_trivialization of the orthogonal parametrization (stores a D x D base)"),
     "seed": (0, "seed of the intervention initialisation"),
