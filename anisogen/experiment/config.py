@@ -38,15 +38,15 @@ class ExperimentConfig:
     lm_hidden: int = 64
     lm_layers: int = 2
     lm_heads: int = 4
-    lm_pretrain_steps: int = 250
+    lm_pretrain_steps: int = 1500
     lm_pretrain_batch: int = 32
     lm_pretrain_lr: float = 3e-3
     # stage 1
-    stage1_steps: int = 80
+    stage1_steps: int = 300
     stage1_batch: int = 32
     stage1_lr: float = 5e-3
     # stage 2
-    stage2_steps: int = 40
+    stage2_steps: int = 150
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
     adapter_lr: float = 2e-3
