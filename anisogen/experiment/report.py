@@ -44,18 +44,22 @@ def render_report(res: dict) -> str:
         "(Tables 1 and 4) and the method studies of APP, Gap-Init and MoReS, on the toy world and its CLIP.\n")
     out.append("## How this was produced\n")
     out.append("```bash\n" + res["command"] + "\n```\n")
+    fit_total = sum(r.get("fit_seconds", 0.0) for r in s1.values())
+    lm_trained = (res.get("lm_pretraining") or {}).get("seconds", 0.0)
+    notes = {
+        "data": " (embedded by an earlier invocation, reused from the cache under `--out`)" if t["data"] < 5 else "",
+        "lm": f" (reused from the cache; training it took {_secs(lm_trained)})" if lm_trained > 2 * t["lm"] + 1 else "",
+        "al": f" (reused from the cache; fitting them took {_secs(fit_total)})" if fit_total > 2 * t["aligners"] + 1 else "",
+        "load": (f" (1-minute load average at the end: {t['load_average_at_end']:.1f}; the machine was shared, so "
+                 f"runtimes are upper bounds)" if t.get("load_average_at_end") else ""),
+    }
     out.append(
         f"* preset `{cfg['preset']}`, LM `{cfg['lm']}`, seed {cfg['seed']} (data, aligners, LM pretraining, "
         f"stage 1 and the stage-2 merge / PEFT runs); stage-2 seed study over seeds {cfg['stage2_seeds']}.\n"
         f"* machine: {res['machine']}.\n"
-        f"* total runtime **{_secs(t['total'])}**: data {_secs(t['data'])}, LM text pretraining "
-        f"{_secs(t['lm'])}" + (f" (reused from the cache under `--out`; training it took "
-                               f"{_secs((res.get('lm_pretraining') or {})['seconds'])})"
-                               if (res.get("lm_pretraining") or {}).get("seconds", 0) > 2 * t["lm"] + 1 else "")
-        + f", aligner fits {_secs(t['aligners'])}, stage 1 {_secs(t['stage1'])}, "
-        f"stage 2 {_secs(t.get('stage2', 0.0))}"
-        + (f" (1-minute load average at the end: {t['load_average_at_end']:.1f} — the machine was shared, so "
-           f"runtimes are upper bounds)" if t.get("load_average_at_end") else "") + ".\n"
+        f"* total runtime **{_secs(t['total'])}**: data {_secs(t['data'])}{notes['data']}, LM text pretraining "
+        f"{_secs(t['lm'])}{notes['lm']}, aligner fits {_secs(t['aligners'])}{notes['al']}, stage 1 "
+        f"{_secs(t['stage1'])}, stage 2 {_secs(t.get('stage2', 0.0))}{notes['load']}.\n"
         f"* everything is deterministic in the seed (single process, fixed data order); rerunning the command "
         f"gives the same tables up to the runtimes.\n")
     out.append("## Setup\n")
@@ -73,8 +77,10 @@ def render_report(res: dict) -> str:
         f"(≤ {cfg['caption_tokens']} tokens).\n"
         f"* **LM**: " + (f"tiny Llama ({cfg['lm_layers']} layers, width {cfg['lm_hidden']}, byte-level tokenizer, "
                           f"{lmi.get('parameters', 0):,} parameters) pretrained from scratch for "
-                          f"{cfg['lm_pretrain_steps']} steps on toy *text* (captions, and instruction "
-                          f"conversations with the scene's description in place of the image; loss "
+                          f"{cfg['lm_pretrain_steps']} steps on toy *text* only: captions in the stage-1 layout and "
+                          f"instruction conversations in the stage-2 layout, the image slot holding a throw-away "
+                          f"linear map of the CLIP *text* embedding of the caption / descriptive caption "
+                          f"(`anisogen/experiment/textlm.py`; loss "
                           f"{_f(lmi.get('first_loss'), 2)} → {_f(lmi.get('final_loss'), 3)} nats/byte), "
                           f"then frozen." if cfg["lm"] == "tiny" else f"`{cfg['lm']}`, frozen.") + "\n"
         f"* **Stage 1**: projector (`mlp2x_gelu`) only, `plain` template, {cfg['stage1_steps']} steps × batch "
@@ -217,7 +223,9 @@ def analysis(res: dict, goals: list[dict]) -> list[str]:
             f"(stage-1 anchor: {m['stage1 (theta_pre)']['qa_accuracy']:.3f}); POPE accuracy "
             f"{m[app_k]['pope']['accuracy']:.3f} vs {m['naive task vector']['pope']['accuracy']:.3f}. With α = 1 the "
             "naive task vector is the fine-tuned projector itself, so APP can only win by *discarding* a part of "
-            "the update that hurts transfer from substitutes to real images.")
+            "the update that hurts transfer from substitutes to real images. "
+            f"The standard error of a QA accuracy near 0.5 on {s2['n_qa']} questions is about "
+            f"{math.sqrt(0.25 / max(1, s2['n_qa'])):.3f}, so differences below ~{2 * math.sqrt(0.25 / max(1, s2['n_qa'])):.3f} are noise.")
         sd = s2["seeds"]
         g, l = sd["gap_init r1"]["qa_accuracy"], sd["lora-r1 (random init)"]["qa_accuracy"]
         lines.append(
