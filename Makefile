@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow demo clean-shards
+.PHONY: install test test-slow demo experiment clean-shards
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-slow: install
 
 demo: install
 	$(PY) pipelines/demo.py
+
+# the text-only training study on the toy world (tiny LM, about 15-20 min) -> docs/EXPERIMENTS.md
+experiment: install
+	$(PY) pipelines/experiment.py
 
 clean-shards:
 	find shards -mindepth 1 ! -name README.md -exec rm -rf {} +

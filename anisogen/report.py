@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 
-def _cell(value: Any, digits: int) -> str:
+def format_cell(value: Any, digits: int = 4, *, adaptive: bool = False) -> str:
+    """One table cell: ``—`` for None, ints and bools as is, floats with ``digits`` decimals.
+
+    ``adaptive=True`` switches to scientific notation for tiny non-zero values (|v| < 0.01) and to
+    ``digits`` significant digits for large ones (|v| >= 1000), so that no value prints as ``0.0000``.
+    """
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -18,6 +23,10 @@ def _cell(value: Any, digits: int) -> str:
         return str(value)
     if number != number:  # NaN
         return "nan"
+    if adaptive and number != 0 and abs(number) < 0.01:
+        return f"{number:.2e}"
+    if adaptive and abs(number) >= 1000:
+        return f"{number:.{digits}g}"
     return f"{number:.{digits}f}"
 
 
@@ -31,5 +40,5 @@ def markdown_table(rows: Iterable[dict], columns: Sequence[str], *, first: str =
         "|" + "|".join("---" for _ in names) + "|",
     ]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c), digits) for c in names) + " |")
+        lines.append("| " + " | ".join(format_cell(row.get(c), digits) for c in names) + " |")
     return "\n".join(lines)

@@ -51,7 +51,7 @@ class DemoScale:
 
 
 FULL = DemoScale(n_text=20_000, n_images=2_000, n_heldout=500, samples_per_shard=2_500, fit_samples=10_000,
-                 stage1_steps=600, refine_steps=200, train_steps=1_200, eval_pairs=200)
+                 stage1_steps=600, refine_steps=200, train_steps=1_500, eval_pairs=200)
 SMALL = DemoScale(n_text=1_200, n_images=400, n_heldout=60, samples_per_shard=300, fit_samples=1_200,
                   stage1_steps=60, refine_steps=20, train_steps=30, eval_pairs=16)
 
@@ -144,7 +144,23 @@ def write_references(data: Path) -> Path:
     return out
 
 
-def show_evaluation(eval_dir: Path, n_show: int = 5) -> None:
+def scene_scores(data: Path, eval_dir: Path) -> dict:
+    """Attribute accuracy of the generated captions against the held-out *scenes* themselves (the
+    experiment's metric, :func:`anisogen.experiment.scoring.caption_scores`: per-caption F1 of colour,
+    shape, size and position words, and a correct count), written to ``scene_scores.json``."""
+    from anisogen.experiment.scoring import caption_scores
+    from anisogen.toyworld.scenes import Scene
+
+    with open(eval_dir / "captions.jsonl", encoding="utf-8") as f:
+        generated = [json.loads(line)["generated"] for line in f]
+    with open(data / "heldout" / "pairs.jsonl", encoding="utf-8") as f:
+        scenes = [Scene.from_dict(json.loads(line)["scene"]) for _, line in zip(generated, f)]
+    scores = {k: v for k, v in caption_scores(generated, scenes).items() if k != "per_sample"}
+    (eval_dir / "scene_scores.json").write_text(json.dumps(scores, indent=1))
+    return scores
+
+
+def show_evaluation(data: Path, eval_dir: Path, n_show: int = 5) -> None:
     report = json.loads((eval_dir / "report.json").read_text())
     print(f"\nheld-out real image embeddings: {report.get('n')} scenes, caption loss {report.get('caption_loss'):.3f}")
     attrs = report.get("attributes") or {}
@@ -154,6 +170,10 @@ def show_evaluation(eval_dir: Path, n_show: int = 5) -> None:
                   f"precision {(score['precision'] or 0):.3f}  (n={score['n']})")
     if attrs.get("all_exact") is not None:
         print(f"  every attribute exact: {attrs['all_exact']:.3f}")
+    scores = scene_scores(data, eval_dir)
+    print("attribute accuracy against the scenes (F1 of the words named; count: correct number):")
+    print("  " + "  ".join(f"{k} {scores[k]:.3f}" for k in ("color", "shape", "size", "position", "count", "mean")))
+    print(f"  precision of the attribute words named: {scores['precision']:.3f}")
     with open(eval_dir / "captions.jsonl", encoding="utf-8") as f:
         samples = [json.loads(line) for _, line in zip(range(n_show), f)]
     print("\ngenerated from the real image embedding  |  the scene's true description")
@@ -221,8 +241,8 @@ def main(argv=None) -> int:
     eval_dir = runs / "eval"
     run("evaluate", run.script("evaluate.py", "--export", train_dir / "export", "--embeddings", paired / "image.npy",
                                "--captions", references, "--caption-field", "text", "--limit", scale.eval_pairs,
-                               "--attributes", "toyworld", "--out", eval_dir))
-    show_evaluation(eval_dir)
+                               "--attributes", "toyworld", "--max-new-tokens", 140, "--out", eval_dir))
+    show_evaluation(data, eval_dir)
     print(f"-> {eval_dir}/report.json, {eval_dir}/captions.jsonl")
 
     total = time.perf_counter() - t_start

@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from ..report import format_cell
+
 #: Columns of the per-folder table (unpaired + semantic + norms), in display order.
 TABLE_COLUMNS = ["delta_mu", "G_Sigma", "C_lambda", "O_q", "JS_cos", "M_k_Z", "M_k_X", "nn_is_image_frac_Z",
                  "Phi", "Psi", "Omega_k", "norm_mean", "norm_max_dev"]
@@ -52,19 +54,7 @@ dt{font-weight:bold}dd{margin:0;word-break:break-all}
 
 
 def _fmt(value) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if value != 0 and abs(value) < 0.01:
-            return f"{value:.2e}"
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
-    return html.escape(str(value))
+    return html.escape(format_cell(value, 4, adaptive=True))
 
 
 def best_rows(rows: Sequence[Mapping], column: str) -> set[int]:

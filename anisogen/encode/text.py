@@ -180,7 +180,7 @@ class _TextTower:
     cast_dtype: torch.dtype
 
 
-def _text_tower(model) -> _TextTower | None:
+def text_tower(model) -> _TextTower | None:
     """The pieces of an open_clip causal, EOT-pooled text tower, or ``None`` if trimming is not exact."""
     src = model.text if hasattr(model, "text") and hasattr(getattr(model, "text"), "transformer") else model
     if not hasattr(src, "token_embedding") or not hasattr(src, "transformer"):
@@ -272,7 +272,7 @@ class TextEncoder:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
         self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
         self.normalize = normalize
-        self.tower = _text_tower(model) if trim else None
+        self.tower = text_tower(model) if trim else None
         self.trimmed = self.tower is not None
         self.pad_multiple = int(pad_multiple or (8 if self.device.type == "cuda" else 1))
         self.context_length = int(getattr(model, "context_length", None) or

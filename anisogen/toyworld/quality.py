@@ -81,26 +81,21 @@ def encode_pixels(model, images: np.ndarray, *, batch_size: int = 512, preproces
 
 
 def encode_text_trimmed(model, tokens: torch.Tensor, *, bucket: int = 32) -> torch.Tensor:
-    """``model.encode_text(tokens)`` for an open_clip ``CLIP`` with a causal, argmax-pooled text tower,
-    computed in length buckets trimmed to their longest sequence (padding id 0). (B, L) -> (B, d) float32.
-    """
-    from open_clip.transformer import text_global_pool
+    """``model.encode_text(tokens)`` computed in length buckets trimmed to their longest sequence.
 
-    if model.text_pool_type != "argmax" or model.attn_mask is None:
+    Exact for open_clip's causal, EOT-pooled text towers (real lengths come from the EOT position; see
+    :mod:`anisogen.encode.text`); other towers fall back to ``encode_text``. Differentiable, so the toy
+    CLIP trains through it. (B, L) int64 ids -> (B, d) float32.
+    """
+    from ..encode.text import text_tower, token_lengths, trimmed_forward
+
+    tower = text_tower(model)
+    if tower is None:
         return model.encode_text(tokens)
-    lengths = (tokens != 0).sum(1)
+    lengths = torch.as_tensor(token_lengths(tokens.cpu()), device=tokens.device)
     order = torch.argsort(lengths, stable=True)
-    pieces = []
-    for lo in range(0, len(order), bucket):
-        idx = order[lo:lo + bucket]
-        n = int(lengths[idx].max())
-        t = tokens[idx, :n]
-        x = model.token_embedding(t) + model.positional_embedding[:n]
-        x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
-        x = text_global_pool(model.ln_final(x), t, "argmax")
-        proj = model.text_projection
-        pieces.append(proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj)
-    result = torch.empty(len(tokens), pieces[0].shape[1], dtype=pieces[0].dtype)
+    pieces = [trimmed_forward(tower, tokens[idx, :int(lengths[idx].max())]) for idx in order.split(bucket)]
+    result = torch.empty(len(tokens), pieces[0].shape[1], dtype=pieces[0].dtype, device=pieces[0].device)
     return result.index_put((order,), torch.cat(pieces))
 
 
