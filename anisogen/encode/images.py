@@ -254,15 +254,10 @@ def load_image_embeddings(path: str | os.PathLike, *, model=None, preprocess: Ca
 def save_image_embeddings(out_dir: str | os.PathLike, emb: np.ndarray, keys: Sequence[str], *,
                           meta: dict[str, Any], dtype: str = "fp32") -> Path:
     """Write ``img_emb.npy`` (float32 or float16 (N, d)), ``img_keys.txt`` and ``img_emb.json`` atomically."""
-    from ..shards.writer import atomic_write_bytes, atomic_write_json
-    from ..shards.schema import npy_bytes
+    from ..shards.writer import write_embedding_set
 
     if dtype not in ("fp32", "fp16"):
         raise ValueError(f"dtype must be fp32 or fp16 for image embeddings, got {dtype!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     arr = np.asarray(emb, dtype=np.float16 if dtype == "fp16" else np.float32)
-    atomic_write_bytes(out / EMB_FILE, npy_bytes(arr))
-    atomic_write_bytes(out / KEYS_FILE, ("".join(k.replace("\n", " ") + "\n" for k in keys)).encode("utf-8"))
-    atomic_write_json(out / META_FILE, {**meta, "count": int(arr.shape[0]), "dim": int(arr.shape[1]), "dtype": dtype})
-    return out
+    return write_embedding_set(out_dir, emb_file=EMB_FILE, emb=arr, keys_file=KEYS_FILE, keys=keys,
+                               meta_file=META_FILE, meta={**meta, "dtype": dtype})

@@ -52,20 +52,14 @@ def embed_text_corpus(corpus: Corpus, encoder: TextEncoder, *, limit: int | None
 def save_text_embeddings(out_dir: str | os.PathLike, emb: np.ndarray, ids: Sequence[str],
                          rejects: Sequence[Reject], *, meta: dict[str, Any]) -> Path:
     """Write the output folder described in the module docstring (each file atomically)."""
-    from ..shards.schema import npy_bytes
-    from ..shards.writer import atomic_write_bytes, atomic_write_json
+    from ..shards.writer import atomic_write_bytes, write_embedding_set
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    arr = np.asarray(emb, dtype=np.float32)
-    atomic_write_bytes(out / EMB_FILE, npy_bytes(arr))
-    atomic_write_bytes(out / IDS_FILE, "".join(str(i).replace("\n", " ") + "\n" for i in ids).encode("utf-8"))
+    out = write_embedding_set(out_dir, emb_file=EMB_FILE, emb=np.asarray(emb, dtype=np.float32), keys_file=IDS_FILE,
+                              keys=ids, meta_file=META_FILE, meta={**meta, "rejects": len(rejects)})
     reject_path = out / REJECTS_FILE
     if rejects:
         lines = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rejects)
         atomic_write_bytes(reject_path, lines.encode("utf-8"))
     elif reject_path.exists():
         reject_path.unlink()
-    atomic_write_json(out / META_FILE, {**meta, "count": int(arr.shape[0]), "dim": int(arr.shape[1]),
-                                        "rejects": len(rejects)})
     return out

@@ -12,27 +12,29 @@ import numpy as np
 from .scoring import caption_scores, pope_scores, qa_correct, yes_no
 
 
-def write_caption_data(folder: Path, captions, emb: np.ndarray) -> tuple[str, str]:
-    """Stage-1 data: one ``<image>`` -> caption conversation per row of ``emb``."""
+def _write_conversations(folder: Path, name: str, emb: np.ndarray, rows) -> tuple[str, str]:
+    """Write ``emb`` as ``emb.npy`` (float32) and ``rows`` (JSON-able dicts) as ``name`` JSONL in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    npy, jsonl = folder / "emb.npy", folder / "captions.jsonl"
+    npy, jsonl = folder / "emb.npy", folder / name
     np.save(npy, np.ascontiguousarray(emb, dtype=np.float32))
     with open(jsonl, "w", encoding="utf-8") as f:
-        for i, c in enumerate(captions):
-            f.write(json.dumps({"id": f"c{i:07d}", "image": i, "conversations": [
-                {"from": "human", "value": "<image>"}, {"from": "gpt", "value": c}]}) + "\n")
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
     return str(jsonl), str(npy)
+
+
+def write_caption_data(folder: Path, captions, emb: np.ndarray) -> tuple[str, str]:
+    """Stage-1 data: one ``<image>`` -> caption conversation per row of ``emb``."""
+    rows = ({"id": f"c{i:07d}", "image": i, "conversations": [
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": c}]} for i, c in enumerate(captions))
+    return _write_conversations(folder, "captions.jsonl", emb, rows)
 
 
 def write_instruction_data(folder: Path, records, emb: np.ndarray) -> tuple[str, str]:
     """Stage-2 data: each conversation points at its scene's row of ``emb``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    npy, jsonl = folder / "emb.npy", folder / "instructions.jsonl"
-    np.save(npy, np.ascontiguousarray(emb, dtype=np.float32))
-    with open(jsonl, "w", encoding="utf-8") as f:
-        for i, r in enumerate(records):
-            f.write(json.dumps({"id": f"q{i:07d}", "image": int(r["scene"]), "conversations": r["conversation"]}) + "\n")
-    return str(jsonl), str(npy)
+    rows = ({"id": f"q{i:07d}", "image": int(r["scene"]), "conversations": r["conversation"]}
+            for i, r in enumerate(records))
+    return _write_conversations(folder, "instructions.jsonl", emb, rows)
 
 
 def train_run(output_dir: Path, *, lm: str, train_jsonl: str, emb_npy: str, template: str, steps: int,

@@ -18,12 +18,14 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
 
 from .. import __version__
 from .schema import (
     FORMAT, FORMAT_VERSION, MANIFEST_NAME, RECORDS_DIRNAME, REJECTS_NAME, SHARD_GLOB, SIZES_NAME, TAR_MODE,
-    TAR_MTIME, TAR_USER, TEMP_SUFFIX, canonical_json, shard_name, shard_task,
+    TAR_MTIME, TAR_USER, TEMP_SUFFIX, canonical_json, npy_bytes, shard_name, shard_task,
 )
 
 #: Stage names of the per-shard timing split, in pipeline order.
@@ -72,6 +74,21 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
     """Atomically write ``obj`` as JSON (sorted keys, UTF-8)."""
     text = json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False)
     return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def write_embedding_set(out_dir: str | os.PathLike, *, emb_file: str, emb: np.ndarray, keys_file: str,
+                        keys: Sequence[str], meta_file: str, meta: dict[str, Any]) -> Path:
+    """Write one (N, d) embedding array with a key per row, each file atomically, into ``out_dir``:
+
+    ``emb_file`` (``.npy`` of ``emb`` as given), ``keys_file`` (one key per line; newlines inside a key
+    become spaces) and ``meta_file`` (JSON: ``meta`` plus ``count`` = N and ``dim`` = d).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / emb_file, npy_bytes(emb))
+    atomic_write_bytes(out / keys_file, "".join(str(k).replace("\n", " ") + "\n" for k in keys).encode("utf-8"))
+    atomic_write_json(out / meta_file, {**meta, "count": int(emb.shape[0]), "dim": int(emb.shape[1])})
+    return out
 
 
 def file_sha256(path: str | os.PathLike, *, bufsize: int = 1 << 20) -> str:

@@ -87,14 +87,15 @@ def encode_text_trimmed(model, tokens: torch.Tensor, *, bucket: int = 32) -> tor
     :mod:`anisogen.encode.text`); other towers fall back to ``encode_text``. Differentiable, so the toy
     CLIP trains through it. (B, L) int64 ids -> (B, d) float32.
     """
-    from ..encode.text import text_tower, token_lengths, trimmed_forward
+    from ..encode.text import bucket_batches, text_tower, token_lengths, trimmed_forward
 
     tower = text_tower(model)
     if tower is None:
         return model.encode_text(tokens)
-    lengths = torch.as_tensor(token_lengths(tokens.cpu()), device=tokens.device)
-    order = torch.argsort(lengths, stable=True)
-    pieces = [trimmed_forward(tower, tokens[idx, :int(lengths[idx].max())]) for idx in order.split(bucket)]
+    lengths = token_lengths(tokens.cpu())
+    batches = bucket_batches(lengths, bucket)
+    pieces = [trimmed_forward(tower, tokens[torch.as_tensor(idx), :int(lengths[idx].max())]) for idx in batches]
+    order = torch.as_tensor(np.concatenate(batches), device=tokens.device)
     result = torch.empty(len(tokens), pieces[0].shape[1], dtype=pieces[0].dtype, device=pieces[0].device)
     return result.index_put((order,), torch.cat(pieces))
 
