@@ -79,28 +79,30 @@ class Runner:
                         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         self.timings: list[tuple[str, float]] = []
 
-    def __call__(self, title: str, args: list[str]) -> None:
+    def __call__(self, title: str, args: list[str], env: dict[str, str] | None = None) -> None:
         shown = " ".join(shlex.quote(str(a)) for a in args)
         print(f"\n$ {shown}", flush=True)
         t0 = time.perf_counter()
-        subprocess.run([str(a) for a in args], cwd=ROOT, env=self.env, check=True)
+        subprocess.run([str(a) for a in args], cwd=ROOT, env={**self.env, **(env or {})}, check=True)
         self.timings.append((title, time.perf_counter() - t0))
 
     def script(self, name: str, *args) -> list[str]:
         return [sys.executable, str(PIPELINES / name), *map(str, args)]
 
-    def launch(self, processes: int, name: str, *args) -> list[str]:
-        """``accelerate launch`` of a pipeline script; CPU processes (gloo) when there are too few GPUs."""
+    def launch(self, processes: int, name: str, *args) -> tuple[list[str], dict[str, str]]:
+        """``accelerate launch`` of a pipeline script, and the environment it needs: CPU processes (gloo,
+        GPUs hidden from this command only) when there are fewer GPUs than processes."""
         import torch
 
         flags = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+        env = {}
         if processes > 1:
             flags = ["--multi_gpu", "--num_processes", str(processes), *flags]
             if torch.cuda.device_count() < processes:
-                self.env["CUDA_VISIBLE_DEVICES"] = ""
+                env["CUDA_VISIBLE_DEVICES"] = ""
         else:
             flags = ["--num_processes", "1", *flags]
-        return [sys.executable, "-m", "accelerate.commands.launch", *flags, str(PIPELINES / name), *map(str, args)]
+        return [sys.executable, "-m", "accelerate.commands.launch", *flags, str(PIPELINES / name), *map(str, args)], env
 
 
 def step(n: int, title: str) -> None:
@@ -214,12 +216,13 @@ def main(argv=None) -> int:
     print(f"-> unpaired images {emb / 'images'}, paired held-out set {paired}")
 
     step(3, f"generate substitute image embeddings: accelerate launch, {args.processes} processes, AnisoAlign")
-    run("generate", run.launch(
+    launch_args, launch_env = run.launch(
         args.processes, "generate.py", "--corpus", data / "captions.jsonl", "--text-field", "text", "--id-field", "id",
         "--model", "toy", "--aligner", "anisoalign", "--images", emb / "images",
         "--aligner-param", f"stage1_steps={scale.stage1_steps}", "--aligner-param", f"stage2_steps={scale.refine_steps}",
         "--fit-samples", scale.fit_samples, "--samples-per-shard", scale.samples_per_shard, "--keep-source",
-        "--out", shards, "--threads", "1", "--no-progress"))
+        "--out", shards, "--threads", "1", "--no-progress")
+    run("generate", launch_args, env=launch_env)
     print(f"-> {shards}/shard-*.tar, manifest.json, aligner/")
 
     step(4, "audit the shards' geometry with FAISS")
