@@ -16,15 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Appends ``(default: X)`` unless the help already names the default or it is empty (None/False)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        return f"{text} (default: {action.default})"
+from anisogen.generate.cli import HelpFormatter  # noqa: E402  (the generator's --help style)
 
 
 def build_parser() -> argparse.ArgumentParser:
