@@ -15,11 +15,13 @@ stamped with it unless ``--model-fingerprint`` is given.
 
 After fitting it prints the diagnostics: the paired gap report (AnisoAlign §3) with ``--paired`` (row i of
 the texts describes row i of the images), otherwise the unpaired parts (means, spreads, centroid gap,
-spectral correlation, subspace overlap), plus the loss curves of trained stages (Stage I / Stage II).
+spectral correlation, subspace overlap), plus the loss curves of trained stages (Stage I / Stage II) and,
+for ``anisoalign``, the table of its automatic selection (every candidate's Omega_k, Psi, M_k on held-out
+fit data, the ReAlign reference and the chosen row).
 
 Example:
     pipelines/fit.py --aligner anisoalign --text txt.npy --image img_emb/ --out runs/aligner \\
-        --param rank=128 --param stage1_steps=2000
+        --param rank=128 --param preset=cpu
 """
 
 from __future__ import annotations
@@ -179,8 +181,11 @@ def curve_summary(history: dict) -> list[dict]:
     """One row per loss curve: length, first, min, last and a 10-point downsample."""
     rows = []
     for name, values in history.items():
-        if name.endswith("_step") or name.endswith("_steps_run") or name.startswith("seconds_") or not values:
+        if name.endswith("_step") or name.endswith("_steps") or name.endswith("_steps_run") or name.startswith("seconds_") \
+                or not values:
             continue
+        if not isinstance(values, list) or not all(isinstance(x, (int, float)) for x in values):
+            continue  # tables (the AnisoAlign selection) are printed on their own
         v = np.asarray(values, dtype=np.float64)
         idx = np.unique(np.linspace(0, len(v) - 1, min(10, len(v))).round().astype(int))
         rows.append({"name": name, "points": len(v), "first": v[0], "min": v.min(), "last": v[-1],
@@ -290,6 +295,10 @@ def run(args) -> dict:
                 "C_lambda", "O_q", "O_q_random"]
         print(markdown_table([{"name": "inputs", **unpaired}], cols, first="name"))
         result["unpaired_report"] = unpaired
+    table = aligner.selection_table() if hasattr(aligner, "selection_table") else ""
+    if table:
+        print("\nAutomatic selection on held-out *fit* texts and images (unpaired; docs/ANISOALIGN.md):")
+        print(table)
     curves = curve_summary(aligner.history)
     if curves:
         print("\nLoss curves (window means; *_val = fixed validation batch):")

@@ -12,8 +12,10 @@ from anisogen.align.aniso.polar import wrap
 from anisogen.synthetic import make_paired_embeddings
 
 TINY = dict(rank=4, score_hidden=16, score_layers=1, refiner_hidden=16, refiner_layers=1, stage1_steps=30,
-            stage2_steps=30, batch_size=128, eval_every=10, log_every=10, radial_knots=256, transform_block=64,
-            val_size=256)
+            stage2_steps=30, batch_size=128, stage1_batch_size=128, eval_every=10, stage1_eval_every=10,
+            stage1_patience=None, log_every=10, radial_knots=256, transform_block=64, val_size=256)
+#: the full method with fixed settings (no selection), every knob of eq. 7 active
+FIXED = dict(select="none", bounds="fixed", refine_v=True, shrinkage=1.0)
 
 
 def _l2(a):
@@ -31,18 +33,19 @@ def data():
 def full(data):
     fit_text, fit_image, _ = data
     return fit_aligner("anisoalign", text=fit_text, image=fit_image, seed=1, model_fingerprint="toy:abc",
-                       **{**TINY, "stage2_lr": 0.02, "stage2_steps": 60})
+                       **{**TINY, **FIXED, "stage2_lr": 0.02, "stage2_steps": 60})
 
 
 def test_all_variants_are_registered():
     assert set(ANISO_VARIANTS) <= set(ALIGNERS)
-    assert len(ANISO_VARIANTS) == 5
+    assert len(ANISO_VARIANTS) == 6
 
 
 @pytest.mark.parametrize("name", ["anisoalign-init", "anisoalign-refine"])
 def test_identity_maps_and_zero_refinement_reduce_to_anchor_renormalise_calibrate(name, data):
     fit_text, fit_image, held = data
-    aligner = fit_aligner(name, text=fit_text, image=fit_image, radial_map="identity", v_scaling="identity", **TINY)
+    aligner = fit_aligner(name, text=fit_text, image=fit_image, radial_map="identity", v_scaling="identity",
+                          ablation_reading="objectives", **TINY)
     mu_t, mu_i = fit_text.mean(0), fit_image.mean(0)
     # independent computation: anchor shift, renormalise, centroid calibration with mu_hat from the fit texts
     mu_hat = _l2(fit_text - mu_t + mu_i).mean(0)
@@ -90,7 +93,9 @@ def test_artifact_round_trip_is_bit_identical_and_checks_the_fingerprint(data, f
     full.save(tmp_path / "a")
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["name"] == "anisoalign" and config["params"]["rank"] == 4 and config["model_fingerprint"] == "toy:abc"
-    assert config["fit_counts"]["text_sample"] == 1000 and config["fit_counts"]["image_sample"] == 1000
+    # a quarter of each side (at most select_size rows) is held out: Stage-I validation and bound scaling
+    assert config["fit_counts"]["text_sample"] == 750 and config["fit_counts"]["image_sample"] == 750
+    assert config["fit_counts"]["select_sample"] == 250
     keys = set(config["tensors"])
     assert {"mu_hat", "mu_image", "frame.basis", "frame.mixing", "prior.edges", "init.d_v", "init.image_knots"} <= keys
     assert any(k.startswith("score_net.") for k in keys) and any(k.startswith("refiner.") for k in keys)
@@ -109,7 +114,7 @@ def test_artifact_round_trip_is_bit_identical_and_checks_the_fingerprint(data, f
 def test_fitting_is_deterministic_and_seeded(data, full):
     fit_text, fit_image, held = data
     again = fit_aligner("anisoalign", text=fit_text, image=fit_image, seed=1, model_fingerprint="toy:abc",
-                        **{**TINY, "stage2_lr": 0.02, "stage2_steps": 60})
+                        **{**TINY, **FIXED, "stage2_lr": 0.02, "stage2_steps": 60})
     assert again.tensors.keys() == full.tensors.keys()
     for key, value in full.tensors.items():
         np.testing.assert_array_equal(again.tensors[key], value, err_msg=key)
@@ -118,13 +123,22 @@ def test_fitting_is_deterministic_and_seeded(data, full):
     np.testing.assert_allclose(other.tensors["frame.q_u"], full.tensors["frame.q_u"])  # U itself is seed-free
 
 
-def test_stationary_ablations_equal_the_global_init_and_prior_does_not(data):
+@pytest.mark.parametrize("reading", ["objectives", "guidance"])
+def test_ablations_under_both_readings(data, reading):
+    """"objectives": the spec's objectives are stationary at the zero-initialised head, so "+ Refinement" and
+    "+ L_Phi" equal the init exactly. "guidance" (default): L_G trains them, so they differ from it."""
     fit_text, fit_image, held = data
-    outs = {name: fit_aligner(name, text=fit_text, image=fit_image, seed=0, **{**TINY, "stage2_lr": 0.02}).transform(held.text)
+    kw = {**TINY, "stage2_lr": 0.02, "ablation_reading": reading}
+    outs = {name: fit_aligner(name, text=fit_text, image=fit_image, seed=0, **kw).transform(held.text)
             for name in ("anisoalign-init", "anisoalign-refine", "anisoalign-phase", "anisoalign-prior")}
-    np.testing.assert_array_equal(outs["anisoalign-refine"], outs["anisoalign-init"])
-    np.testing.assert_array_equal(outs["anisoalign-phase"], outs["anisoalign-init"])
     assert np.abs(outs["anisoalign-prior"] - outs["anisoalign-init"]).max() > 1e-4
+    if reading == "objectives":
+        np.testing.assert_array_equal(outs["anisoalign-refine"], outs["anisoalign-init"])
+        np.testing.assert_array_equal(outs["anisoalign-phase"], outs["anisoalign-init"])
+    else:
+        for name in ("anisoalign-refine", "anisoalign-phase"):
+            assert np.abs(outs[name] - outs["anisoalign-init"]).max() > 1e-4, name
+        assert np.abs(outs["anisoalign-phase"] - outs["anisoalign-refine"]).max() > 1e-6  # L_Phi changes L_G's result
 
 
 def test_energy_rank_learned_mixing_and_sample_cap(data):
@@ -153,3 +167,141 @@ def test_bad_inputs_are_refused(data):
     bad[17] *= 1.5
     with pytest.raises(ValueError, match="text: row 17 has L2 norm"):
         fit_aligner("anisoalign-init", text=bad, image=fit_image)
+
+
+# ------------------------------------------------------------------------------ automatic selection
+AUTO = dict(TINY, select_shrinkage=[0.0, 0.5, 1.0, [0.0, 0.5]], select_lambda_phi=[1.0], select_bound_scale=[0.05, 0.2],
+            stage2_lr=0.02)
+
+
+class Tracked:
+    """A re-iterable source over ``rows`` of ``items`` (item ids) that records every item it yields."""
+
+    def __init__(self, rows, items, seen):
+        self.rows, self.items, self.seen = rows, items, seen
+
+    def __call__(self):
+        for start in range(0, len(self.rows), 300):
+            self.seen.update(self.items[start : start + 300].tolist())
+            yield self.rows[start : start + 300]
+
+
+@pytest.fixture(scope="module")
+def paired_world():
+    pairs = make_paired_embeddings(3000, 16, gap=0.5, residual_rank=2, seed=4)
+    order = np.random.default_rng(0).permutation(3000)
+    return pairs, order[:1000], order[1000:2000]  # text items, image items: disjoint
+
+
+@pytest.fixture(scope="module")
+def auto(paired_world):
+    pairs, text_items, image_items = paired_world
+    seen_text, seen_image = set(), set()
+    aligner = fit_aligner("anisoalign", text=Tracked(pairs.text[text_items], text_items, seen_text),
+                          image=Tracked(pairs.image[image_items], image_items, seen_image), seed=2, **AUTO)
+    return aligner, seen_text, seen_image
+
+
+def test_auto_selection_reads_no_pair_and_keeps_the_chosen_candidate(auto, paired_world, monkeypatch):
+    aligner, seen_text, seen_image = auto
+    _, text_items, image_items = paired_world
+    # everything it read: texts of some items, images of other items; no item was seen from both sides
+    assert seen_text == set(text_items.tolist()) and seen_image == set(image_items.tolist())
+    assert not seen_text & seen_image
+    rows = aligner.history["selection"]
+    ref = aligner.history["selection_reference"]
+    # 4 closed-form candidates, then the refiner (trained at gamma*, the best feasible closed-form candidate)
+    # evaluated with 2 bound scales on gamma* and the next-best feasible gammas below it (3 at most)
+    init_rows = rows[:4]
+    assert all(r["lambda_phi"] is None for r in init_rows)
+    ok = [r for r in init_rows if r["Omega_k"] >= ref["Omega_k"] - 0.01 and r["Psi"] >= ref["Psi"] - 0.01]
+    star = max(ok, key=lambda r: r["M_k_X"])["shrinkage"]
+    below = [r for r in ok if r["shrinkage"][0] <= star[0] and r["shrinkage"][1] <= star[1]]
+    below = sorted(below, key=lambda r: -r["M_k_X"])[:3]
+    assert len(rows) == 4 + 2 * len(below)
+    assert {(tuple(r["shrinkage"]), r["bound_scale"]) for r in rows[4:]} == {
+        (tuple(r["shrinkage"]), b) for r in below for b in (0.05, 0.2)}
+    chosen = [r for r in rows if r["chosen"]]
+    assert len(chosen) == 1
+    best = chosen[0]
+    feasible = [r for r in rows if r["Omega_k"] >= ref["Omega_k"] - 0.01 and r["Psi"] >= ref["Psi"] - 0.01]
+    assert [r["feasible"] for r in rows] == [r in feasible for r in rows]
+    assert best["M_k_X"] == max(r["M_k_X"] for r in feasible)
+    np.testing.assert_array_equal(aligner.tensors["init.shrinkage"], best["shrinkage"])
+    assert ("refine.bounds" in aligner.tensors) == (best["lambda_phi"] is not None)
+    assert "chosen" in aligner.selection_table() and "realign (reference)" in aligner.selection_table()
+
+
+def test_auto_is_deterministic_for_a_seed(auto, paired_world):
+    pairs, text_items, image_items = paired_world
+    again = fit_aligner("anisoalign", text=Tracked(pairs.text[text_items], text_items, set()),
+                        image=Tracked(pairs.image[image_items], image_items, set()), seed=2, **AUTO)
+    assert again.history["selection"] == auto[0].history["selection"]
+    assert again.tensors.keys() == auto[0].tensors.keys()
+    for key, value in auto[0].tensors.items():
+        np.testing.assert_array_equal(again.tensors[key], value, err_msg=key)
+
+
+def test_auto_with_no_candidate_refinement_grid_and_too_little_data(paired_world):
+    pairs, text_items, image_items = paired_world
+    only_init = fit_aligner("anisoalign", text=pairs.text[text_items], image=pairs.image[image_items], seed=0,
+                            **{**AUTO, "select_bound_scale": []})
+    assert all(r["lambda_phi"] is None for r in only_init.history["selection"])
+    assert not any(k.startswith("refiner.") for k in only_init.tensors)
+    with pytest.raises(ValueError, match="select='auto' needs more than 21 held-out rows"):
+        fit_aligner("anisoalign", text=pairs.text[:60], image=pairs.image[100:160], **AUTO)
+
+
+def test_gamma_one_is_the_paper_variant_and_gamma_zero_is_realign(paired_world):
+    pairs, text_items, image_items = paired_world
+    kw = dict(text=pairs.text[text_items], image=pairs.image[image_items], seed=0)
+    y = pairs.text[2000:2300]
+    paper = fit_aligner("anisoalign-init", **kw, **TINY)
+    gamma1 = fit_aligner("anisoalign-init", **kw, **{**TINY, "v_floor": 0.0, "shrinkage": 1.0})
+    np.testing.assert_array_equal(gamma1.transform(y), paper.transform(y))
+    gamma0 = fit_aligner("anisoalign-init", **kw, **{**TINY, "shrinkage": 0.0})
+    realign = fit_aligner("realign", **kw)
+    np.testing.assert_allclose(gamma0.transform(y), realign.transform(y), atol=2e-6)
+
+
+def test_presets_fill_only_what_is_not_given():
+    from anisogen.align.aniso import AnisoAlign, PRESETS
+
+    paper = AnisoAlign(preset="paper", score_layers=2)
+    assert paper.params["score_hidden"] == 1024 and paper.params["stage1_steps"] == 50_000
+    assert paper.params["score_layers"] == 2  # explicit beats the preset
+    assert AnisoAlign().params["score_hidden"] == PRESETS["cpu"]["score_hidden"]
+    with pytest.raises(ValueError, match="preset must be one of"):
+        AnisoAlign(preset="gpu")
+
+
+def test_artifacts_from_before_the_change_still_load(data, tmp_path):
+    """An artifact without the new parameters and tensors is the paper's map with its stored alpha's."""
+    fit_text, fit_image, held = data
+    old = fit_aligner("anisoalign-paper", text=fit_text, image=fit_image, seed=0, **{**TINY, "stage2_lr": 0.02,
+                                                                                      "stage2_steps": 40})
+    z = old.transform(held.text)
+    old.save(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    config["name"] = "anisoalign"
+    config["anisogen_version"] = "0.1.0"
+    for key in ("preset", "select", "shrinkage", "v_floor", "bounds", "phase_normalization", "refine_v", "global_scale",
+                "stage1_patience", "stage1_eval_every", "stage1_batch_size", "prior_loss", "ablation_reading",
+                "bound_scale", "bound_k", "select_shrinkage", "select_lambda_phi", "select_bound_scale", "select_size",
+                "select_k", "select_tolerance", "select_calibration_rows", "select_refine_top", "stage1_lr_decays", "stage2_max_samples", "select_pool"):
+        config["params"].pop(key)
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "a" / "tensors.safetensors"))
+    for key in ("init.shrinkage", "init.scales"):
+        tensors.pop(key)
+    save_file(tensors, str(tmp_path / "a" / "tensors.safetensors"))
+    loaded = load_aligner(tmp_path / "a")
+    assert loaded.params["select"] == "none" and loaded.params["shrinkage"] == 1.0 and loaded.params["refine_v"]
+    np.testing.assert_array_equal(loaded.transform(held.text), z)
+    # an artifact that cannot be read is refused with one clear line
+    tensors.pop("frame.basis")
+    save_file(tensors, str(tmp_path / "a" / "tensors.safetensors"))
+    with pytest.raises(ValueError, match=r"cannot load this 'anisoalign' artifact \(written by anisogen 0.1.0\).*refit"):
+        load_aligner(tmp_path / "a")

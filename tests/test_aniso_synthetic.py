@@ -26,7 +26,8 @@ FAST = dict(rank=4, score_hidden=64, refiner_hidden=32, stage1_steps=600, stage1
 def table():
     pairs = plant_gain(make_paired_embeddings(8000, 64, gap=0.4, residual_rank=0, seed=0), gain=1.5, k=2)
     fit_text, fit_image, held = pairs.split(4000, seed=0, keep_antithetic=True)
-    configs = {"identity": {}, "realign": {}, "c3": {"calibrate_phi": 0.9}, "anisoalign": FAST}
+    configs = {"identity": {}, "realign": {}, "c3": {"calibrate_phi": 0.9}, "anisoalign": FAST,
+               "anisoalign-paper": FAST}
     rows, outputs = {}, {}
     for name, params in configs.items():
         aligner = fit_aligner(name, text=fit_text, image=fit_image, seed=0, **params)
@@ -36,22 +37,32 @@ def table():
     return rows, outputs, held
 
 
-def test_anisoalign_beats_realign_and_c3_which_beat_identity(table):
+def test_anisoalign_meets_the_semantic_targets_against_realign(table):
+    """Issue 12's planted-data targets: Phi >= ReAlign - 0.005, Omega_k >= ReAlign - 0.01, delta_mu <= 0.02 and
+    M_k^X >= ReAlign, with every choice made by the unpaired selection."""
     rows, _, _ = table
-    ident, realign, c3, aniso = (rows[n] for n in ("identity", "realign", "c3", "anisoalign"))
+    ident, realign, aniso = rows["identity"], rows["realign"], rows["anisoalign"]
     assert ident["delta_mu"] > 0.39  # the planted gap
+    assert aniso["delta_mu"] <= 0.02
+    assert aniso["Phi"] >= realign["Phi"] - 0.005
+    assert aniso["Omega_k"] >= realign["Omega_k"] - 0.01
+    assert aniso["M_k_X"] >= realign["M_k_X"]
+
+
+def test_paper_variant_trades_semantics_for_mixing_and_beats_c3(table):
+    """The paper-exact settings mix into the images far better than ReAlign and C3 and suppress the dominant
+    residual further, at a cost in Omega_k: the trade the automatic selection bounds."""
+    rows, _, _ = table
+    ident, realign, c3, paper = (rows[n] for n in ("identity", "realign", "c3", "anisoalign-paper"))
     for baseline in (realign, c3):  # each baseline beats identity
         assert baseline["delta_mu"] <= 0.02
         assert baseline["A_r_T"] < 0.2 * ident["A_r_T"]
-    # AnisoAlign: centroid closed, dominant residual suppressed further, images better mixed
-    assert aniso["delta_mu"] <= 0.02
-    assert aniso["A_r_T"] < realign["A_r_T"] - 0.5
-    assert aniso["A_r_T"] < c3["A_r_T"] - 0.5
-    assert aniso["M_k_X"] > realign["M_k_X"] + 0.05 and aniso["M_k_X"] > c3["M_k_X"] + 0.05
-    assert aniso["M_k_Z"] > realign["M_k_Z"] and aniso["M_k_Z"] > c3["M_k_Z"]
-    # source semantics: better than C3 at its calibrated Phi = 0.90, within 0.02 of ReAlign (see next test)
-    assert aniso["Phi"] > c3["Phi"] and aniso["Psi"] > 0.95
-    assert aniso["Phi"] >= realign["Phi"] - 0.02
+    assert paper["delta_mu"] <= 0.02
+    assert paper["A_r_T"] < realign["A_r_T"] - 0.5 and paper["A_r_T"] < c3["A_r_T"] - 0.5
+    assert paper["M_k_X"] > realign["M_k_X"] + 0.05 and paper["M_k_X"] > c3["M_k_X"] + 0.05
+    assert paper["M_k_Z"] > realign["M_k_Z"] and paper["M_k_Z"] > c3["M_k_Z"]
+    assert paper["Phi"] > c3["Phi"] and paper["Psi"] > 0.95
+    assert paper["Omega_k"] < realign["Omega_k"] - 0.05
 
 
 def test_realign_phi_is_the_upper_bound_for_any_mean_matching_aligner(table):
@@ -83,7 +94,7 @@ def test_realign_phi_is_the_upper_bound_for_any_mean_matching_aligner(table):
     lam = lam.detach()
     best = float(bound(mu_x, lam))
     assert rows["realign"]["Phi"] == pytest.approx(best, abs=2e-4)  # ReAlign sits on the bound
-    for name in ("anisoalign", "c3"):
+    for name in ("anisoalign", "anisoalign-paper", "c3"):
         z = outputs[name].astype(np.float64)
         mu_z = torch.tensor(z.mean(0))
         assert rows[name]["Phi"] <= float(bound(mu_z, lam)) + 1e-6  # the bound holds for every aligner

@@ -137,3 +137,33 @@ def test_early_stopping_ends_the_run_and_restores_the_best_model(stage1):
     # no evaluation beat the untrained model by 50 %, so the step-0 weights are the best and are restored
     for key, value in net.state_dict().items():
         assert torch.equal(value, initial[key])
+
+
+def test_stage1_validates_on_held_out_images_and_stops_on_a_plateau(stage1):
+    prior = stage1[0]
+    theta, rho = image_phases(3000, 5)
+    val_theta, val_rho = image_phases(1024, 6)
+    net = build_score_net(M, hidden=32, layers=2, fourier=4, sigma_min=0.01, sigma_max=1.0, seed=3)
+    loop = LoopConfig(steps=20_000, batch_size=256, lr=3e-3, seed=0, eval_every=100, log_every=50, val_size=1024,
+                      patience=3, min_delta=1e-2)
+    history = train_score_net(net, theta, rho, prior, diffusion=DIFF, loop=loop, val_theta=val_theta, val_rho=val_rho)
+    steps = history["_steps_run"][0]
+    assert steps < 20_000  # the plateau of held-out L_I ended the run
+    assert history["stage1_L_I_val_step"][-1] == steps
+    curve = history["stage1_L_I_val"]
+    assert min(curve) < 0.8 * curve[0]
+    # the validation rows are the held-out images: the curve differs from one measured on the training rows
+    other = build_score_net(M, hidden=32, layers=2, fourier=4, sigma_min=0.01, sigma_max=1.0, seed=3)
+    on_train = train_score_net(other, theta, rho, prior, diffusion=DIFF, loop=loop.derive(steps=1))
+    assert on_train["stage1_L_I_val"][0] != curve[0]
+
+
+def test_plateaus_first_lower_the_learning_rate_then_stop(stage1):
+    prior = stage1[0]
+    theta, rho = image_phases(3000, 5)
+    net = build_score_net(M, hidden=32, layers=2, fourier=4, sigma_min=0.01, sigma_max=1.0, seed=3)
+    loop = LoopConfig(steps=20_000, batch_size=256, lr=3e-3, seed=0, eval_every=100, log_every=50, val_size=1024,
+                      patience=2, min_delta=1e-2, lr_decays=2, lr_decay_factor=0.3)
+    history = train_score_net(net, theta, rho, prior, diffusion=DIFF, loop=loop)
+    decays = history["_lr_decay_steps"]
+    assert len(decays) == 2 and decays[0] < decays[1] < history["_steps_run"][0] < 20_000

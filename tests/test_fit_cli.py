@@ -20,7 +20,8 @@ spec.loader.exec_module(fit_cli)
 
 TINY = ["--param", "rank=4", "--param", "score_hidden=16", "--param", "score_layers=1", "--param", "refiner_hidden=16",
         "--param", "refiner_layers=1", "--param", "stage1_steps=20", "--param", "stage2_steps=20",
-        "--param", "batch_size=128", "--param", "eval_every=10", "--param", "radial_knots=128"]
+        "--param", "batch_size=128", "--param", "eval_every=10", "--param", "radial_knots=128",
+        "--param", "stage1_batch_size=128", "--param", "stage1_eval_every=10", "--param", "stage1_patience=null"]
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +77,13 @@ def test_paired_inputs_print_the_gap_report_and_trained_stages_their_curves(file
     assert "Modality gap of the first 2000 paired rows" in out
     diag = json.loads((tmp_path / "j.json").read_text())
     assert diag["gap_report"]["G_mu"] == pytest.approx(0.5, abs=1e-6)  # planted gap, exact with antithetic pairs
-    for curve in ("stage1_L_I", "stage1_L_I_val", "stage2_objective", "stage2_L_II", "stage2_L_Phi"):
+    # one refiner per lambda_Phi candidate of the automatic selection, each with its curves
+    for curve in ("stage1_L_I", "stage1_L_I_val", "stage2_lambda1_objective", "stage2_lambda1_L_II",
+                  "stage2_lambda1_L_Phi", "stage2_lambda10_L_Phi"):
         assert f"| {curve} |" in out
+    assert "Automatic selection on held-out *fit* texts and images" in out
+    assert "realign (reference)" in out and out.count("<- chosen") == 1
+    assert len(diag["history"]["selection"]) >= 14
     assert diag["history"]["stage1_L_I_val_step"] == [0.0, 10.0, 20.0]
     code, _, err = run_cli(capsys, "--aligner", "realign", "--text", d / "text.npy", "--image", d / "held_image.npy",
                            "--paired", "--out", tmp_path / "b")

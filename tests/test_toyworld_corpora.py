@@ -244,13 +244,21 @@ def test_gap_study_markdown_from_a_synthetic_result():
     init = rep(Omega_k=0.8, M_k_X=0.85, params=aniso_params)
     methods = {"identity": rep(Phi=1.0, delta_mu=0.5), "c3": rep(Phi=0.5, params={"sigma": 0.125}),
                "realign": rep(Omega_k=0.93, M_k_X=0.76), "anisoalign": rep(Omega_k=0.78, M_k_X=0.87, params=aniso_params),
-               "anisoalign-init": init, "anisoalign-phase": dict(init)}
+               "anisoalign-init": init, "anisoalign-phase": dict(init),
+               "anisoalign-paper": rep(Omega_k=0.77, M_k_X=0.88), "anisoalign-prior": rep(Omega_k=0.7702, M_k_X=0.88)}
+    selection = [{"candidate": "init gamma=0", "Omega_k": 0.9, "Psi": 0.93, "M_k_X": 0.84, "M_k_Z": 0.9,
+                  "feasible": True, "chosen": False},
+                 {"candidate": "init gamma_U=0 gamma_V=0.25", "Omega_k": 0.893, "Psi": 0.94, "M_k_X": 0.866,
+                  "M_k_Z": 0.92, "feasible": True, "chosen": True}]
+    methods["anisoalign"].update(selected=selection[1], selection=selection,
+                                 selection_reference={"Omega_k": 0.9, "Psi": 0.93, "M_k_X": 0.84, "M_k_Z": 0.9})
     result = {"settings": {"fingerprint": "toy|x", "n_text": 10, "n_images": 10, "n_pairs": 30, "n_retrieval": 30,
                            "k": 5, "seed": 0, "d": 64, "q": 6, "aligners": list(methods), "overrides": {}},
               "gap": {"C_lambda": 0.9, "O_q": 0.8, "O_q_random": 0.1, "G_mu": 0.5, "G_Sigma": 0.4, "D_center": 0.5,
                       "R_res": 0.7, "A_r": 14.0, "d_eff_ratio": 0.13, "q": 6},
               "methods": methods,
-              "diagnostics": {"anisoalign-init, v_scaling=identity": rep(Omega_k=0.92, M_k_X=0.75)},
+              "diagnostics": {"anisoalign-init, v_scaling=identity": rep(Omega_k=0.92, M_k_X=0.75),
+                              "anisoalign-paper, phase_normalization=sum": rep(Omega_k=0.8, M_k_X=0.86)},
               "timings": {"total_s": 12.0, "embed_s": 3.0, "cpu_s": 20.0, "load_avg_1m": 1.5, "cpus": 2}}
     md = render_markdown(result, command="python pipelines/gap_study.py --out X.md")
     assert "- Runtime: 12.0 s wall-clock in total (embedding 3.0 s), 20.0 s of CPU time (all threads); " \
@@ -263,3 +271,12 @@ def test_gap_study_markdown_from_a_synthetic_result():
             "worse on 1 (Omega_k 0.780 vs 0.930)") in md  # 1 win, 1 loss is a tie
     assert "The largest recovery of Ω_k comes from `v_scaling=identity`: the reshaping" in md
     assert "norm ≈ σ√d = 1.00 against unit embeddings at d = 64" in md
+    # the automatic selection: its table and the note with the held-out targets
+    assert "| **init gamma_U=0 gamma_V=0.25** (chosen) | 0.8930 | 0.9400 | 0.8660 | 0.9200 | yes |" in md
+    assert "| ReAlign (reference) | 0.9000 | 0.9300 | 0.8400 | 0.9000 | |" in md
+    assert ("`anisoalign` chose `init gamma_U=0 gamma_V=0.25` on held-out *fit* texts and images" in md
+            and "Ω_k 0.780 vs ReAlign's 0.930 (-0.1500; target ≥ −0.01), M_k^X 0.870 vs 0.760 (+0.1100; "
+                "target ≥ +0.03)" in md)
+    # L_Phi: no effect with the paper's normalisation, an effect summed over E
+    assert "differ by at most 0.0002 on Φ, Ψ, Ω_k, Δµ and M_k" in md
+    assert "differs from `anisoalign-prior` by up to 0.0298 (Ω_k 0.800 vs 0.770" in md

@@ -233,6 +233,11 @@ class Aligner(ABC):
         os.replace(tmp, out / CONFIG_NAME)
         return out
 
+    @classmethod
+    def from_config_params(cls, params: dict[str, Any]) -> "Aligner":
+        """The aligner described by an artifact's stored ``params`` (subclasses fill parameters added later)."""
+        return cls(**params)
+
     def _load_state(self, config: dict[str, Any], tensors: dict[str, np.ndarray], history: dict) -> None:
         """Restore fitted state; subclasses holding networks rebuild them here (call super first)."""
         self.dim = int(config["dim"])
@@ -291,9 +296,15 @@ def load_aligner(directory: str | os.PathLike, *, model_fingerprint: str | None 
             "refit the aligner for this model"
         )
     cls = get_aligner_class(config["name"])
-    aligner = cls(**config.get("params", {}))
     tensors = load_file(str(path / TENSORS_NAME))
     history_path = path / HISTORY_NAME
     history = json.loads(history_path.read_text()) if history_path.is_file() else {}
-    aligner._load_state(config, tensors, history)
+    try:
+        aligner = cls.from_config_params(dict(config.get("params", {})))
+        aligner._load_state(config, tensors, history)
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"{path}: cannot load this {config['name']!r} artifact (written by anisogen "
+            f"{config.get('anisogen_version', '?')}): {exc}; refit it with this version"
+        ) from None
     return aligner

@@ -1,15 +1,20 @@
-"""AnisoAlign (arXiv 2605.07825, spec §2) and its Table-4 ablations, as registered aligners.
+"""AnisoAlign (arXiv 2605.07825, spec §2), its paper-exact form and its Table-4 ablations, as registered aligners.
 
-Fitting (unpaired text and image embeddings, spec §2.10):
+Fitting (unpaired text and image embeddings, spec §2.10; :meth:`AnisoAlign._fit_stages` reads as this list):
 
 1. Frame (:mod:`.frame`): Sigma = Sigma_t + Sigma_i + lambda I from the streaming float64 moments; Q_U = top-r
    sign-fixed eigenvectors, Q_V the rest; mixing R (Haar by default); B = Q_U R.
 2. Statistic-estimation sample: up to ``max_train_samples`` images and texts, drawn uniformly in one
-   streaming pass each (:func:`.training.reservoir_sample`).
+   streaming pass each (:func:`.training.reservoir_sample`), plus ``select_size`` held-out rows of each
+   (at most a quarter of the sample): Stage I's validation images and the selection's texts and images.
 3. Stage I statistics (:mod:`.prior`): image polar coordinates of B^T x (raw x) -> psi, alpha, M -> (A, eta), graph E.
-4. Stage II-a (:mod:`.init`): radial quantile maps T_k (text radii of B^T y_bar vs image radii) and D_V.
-5. Stage I training: the score network s_phi by wrapped-Gaussian DSM (eq. 6); frozen.
-6. Stage II-b (:mod:`.refine`): g_eta trained on the text initial states with the variant's objective.
+4. Stage II-a (:mod:`.init`): radial quantile maps T_k, D_V (with its variance floor ``v_floor``), the global
+   map's scales, and the shrinkage gamma toward that global map.
+5. Stage I training: the score network s_phi by wrapped-Gaussian DSM (eq. 6), stopped on a plateau of the
+   held-out L_I (after ``stage1_lr_decays`` learning-rate decays); frozen.
+6. Stage II-b (:mod:`.refine`): g_eta trained on the text initial states with the variant's objective;
+   with ``select="auto"`` (the default of ``anisoalign``), :mod:`.select` chooses gamma, lambda_Phi and the
+   bounds on the held-out fit rows (one refiner per lambda_Phi candidate, bounds applied by scaling).
 7. Final centroid calibration (shared with ReAlign, :class:`anisogen.align.base.Aligner`): mu_hat = mean of
    Norm(e') over the fit texts, stored; every transform returns e = Norm(Norm(e') - mu_hat + mu_i).
 
@@ -21,16 +26,20 @@ not depend on which other rows are transformed with it.
 Variants (Table 4; the objective of g_eta):
 
 =====================  ==========================================================================
-``anisoalign-init``    global initialisation only, no Stage I training, no g_eta
-``anisoalign-refine``  g_eta trained with 1e-3 ||tanh(.)||^2 only (spec Q3). With the zero-initialised head
-                       this objective is stationary at zero, so the result equals ``anisoalign-init``
+``anisoalign``         automatic selection (``select="auto"``) of gamma, lambda_Phi and data-scaled bounds;
+                       L_II + lambda_Phi L_Phi with L_Phi summed over E (``phase_normalization="sum"``)
+``anisoalign-paper``   the paper as the spec reads it: gamma = 1, eq.-9 L_Phi, alpha = (0.2, 0.1, 0.002),
+                       no D_V floor, no selection
+``anisoalign-init``    global initialisation only (paper settings), no Stage I training, no g_eta
+``anisoalign-refine``  "guidance" reading (default): g_eta trained with L_G; "objectives" reading: with
+                       1e-3 ||tanh(.)||^2 only (spec Q3), stationary at the zero head, so equal to the init
 ``anisoalign-prior``   L_II only (Stage I trained)
-``anisoalign-phase``   lambda_Phi L_Phi only; L_Phi >= 0 is zero, with zero gradient, at zero refinement, so
-                       this also equals ``anisoalign-init`` (recorded, not hidden: see docs/ANISOALIGN.md)
-``anisoalign``         L_II + lambda_Phi L_Phi (spec §2.8 [INF] total objective)
+``anisoalign-phase``   "guidance": L_G + lambda_Phi L_Phi; "objectives": lambda_Phi L_Phi only (equal to the init)
 =====================  ==========================================================================
 
-Parameters (``default_params``; [INF] = not stated by the paper, the spec's recommendation or ours):
+Parameters (``default_params``; [INF] = not stated by the paper, the spec's recommendation or ours). The
+``preset`` ("cpu" default, "paper" = the spec's GPU scale, or None) fills the network and loop sizes that
+are not given explicitly (:data:`PRESETS`).
 
 Frame: ``rank`` r (even; None -> ``energy`` rule or the even integer nearest d/10 [INF]); ``energy``
 (cumulative-energy threshold for r, e.g. 0.9); ``ridge`` lambda = 1e-6 [INF]; ``eps`` = 1e-8 [INF] (polar
@@ -38,72 +47,129 @@ radius, block weights, D_V, L_Phi weights); ``mixing`` "haar" [INF Q1] | "learne
 ``mixing_steps`` 200, ``mixing_lr`` 0.01 (learned R only).
 
 Stage I: ``partners`` p = 4 [INF]; ``tau`` = 0.1 [INF]; ``sigma_min`` 0.01, ``sigma_max`` 1.0 [INF]
-(sigma_t = sigma_min^{1-t} sigma_max^t, t ~ U(0,1)); ``wrap_terms`` 3 [INF]; ``score_hidden`` 256,
-``score_layers`` 3, ``score_fourier`` 8 (CPU default; the spec's GPU recommendation is 4 x 1024)
-[INF]; ``stage1_steps`` 2000 (spec GPU: ~50k), ``stage1_lr`` 1e-3 (spec GPU: 1e-4).
+(sigma_t = sigma_min^{1-t} sigma_max^t, t ~ U(0,1)); ``wrap_terms`` 3 [INF]; ``score_hidden``,
+``score_layers``, ``score_fourier`` 8; ``stage1_steps`` (maximum), ``stage1_lr``, ``stage1_batch_size``,
+``stage1_eval_every``, ``stage1_patience`` (evaluations without a relative improvement of ``min_delta``;
+None = fixed length), ``stage1_lr_decays`` (x0.3 decays on a plateau before stopping).
 
 Stage II-a: ``radial_map`` "quantile" | "identity" (T_k = id); ``radial_knots`` 4096 [INF Q8];
-``v_scaling`` "std_ratio" | "identity" (D = I).
+``v_scaling`` "std_ratio" | "identity" (D = I); ``v_floor`` 0.1 [INF] (text variances floored at this
+fraction of their mean over V); ``shrinkage`` gamma or [gamma_U, gamma_V] [INF] (1 = the paper's map,
+0 = the global map; used with ``select="none"``); ``global_scale`` "common" (ReAlign's one trace scale) |
+"per_side".
 
-Stage II-b: ``refiner_hidden`` 256, ``refiner_layers`` 2 (spec GPU: 2 x 2048) [INF];
-``alpha_theta`` 0.2, ``alpha_rho`` 0.1, ``alpha_v`` 0.002 [INF]; ``reproject_v`` True [INF];
-``lambda_phi`` 1.0 [INF Q4]; ``identity_weight`` 1e-3 [INF Q3]; ``prior_gradient`` "full" [INF Q5] |
-"sds"; ``stage2_steps`` (None -> ``stage2_epochs`` x sample / batch, at least ``stage2_min_steps`` 200),
-``stage2_epochs`` 1.0,
-``stage2_lr`` 1e-3 (spec GPU: 1e-4, 1-3 epochs).
+Stage II-b: ``refiner_hidden``, ``refiner_layers`` [INF]; ``refine_v`` (the Delta v head; no loss trains it);
+``bounds`` "data" (kappa E||c0|| = ``bound_scale`` x the median text ``bound_k``-NN distance [INF]) | "fixed"
+(``alpha_theta`` 0.2, ``alpha_rho`` 0.1, ``alpha_v`` 0.002 [INF]; with "data" only the alpha_rho / alpha_theta
+ratio and alpha_v are used); ``reproject_v`` True [INF]; ``lambda_phi`` 1.0 [INF Q4];
+``phase_normalization`` "sum" [INF] | "paper"; ``identity_weight`` 1e-3 [INF Q3]; ``prior_gradient`` "full"
+[INF Q5] | "sds"; ``prior_loss`` "dsm" (L_II) | "guidance" (L_G [INF]); ``ablation_reading`` "guidance" |
+"objectives"; ``stage2_steps`` (None -> ``stage2_epochs`` x sample / batch, at least ``stage2_min_steps``),
+``stage2_lr``, ``stage2_max_samples`` (texts g_eta trains on).
 
-Loops: ``batch_size`` 1024 (spec GPU: 4096); ``weight_decay`` 0.0 (AdamW); ``max_train_samples``
-200000 (per modality; the spec wants >= 2e5 texts for Stage II); ``early_stop_patience`` None (fixed
-length) or a number of evaluations without a relative improvement of ``min_delta`` (1e-3);
-``eval_every`` 100; ``log_every`` 25; ``val_size`` 2048. ``transform_block`` 1024 rows; ``threads`` 1:
-torch intra-op threads while fitting and transforming (None = leave the caller's setting).
+Selection (``select`` "auto" | "none"): ``select_shrinkage`` (gammas or [gamma_U, gamma_V] pairs),
+``select_lambda_phi``, ``select_bound_scale``, ``select_refine_top``, ``select_size``, ``select_k``,
+``select_tolerance`` 0.01, ``select_calibration_rows``, ``select_pool`` (see :mod:`.select`).
 
-History (``history.json``): ``stage1_L_I``, ``stage2_objective`` and per-term ``stage2_L_II`` / ``stage2_L_Phi``
-/ ``stage2_identity`` (window means), ``*_val`` with ``*_val_step`` (fixed validation batch),
-``mixing_stability*`` (learned R), ``*_steps_run``, and wall times ``seconds_frame_stats_init``,
-``seconds_stage1``, ``seconds_stage2`` (the final calibration pass is not included).
+Loops: ``batch_size``; ``weight_decay`` 0.0 (AdamW); ``max_train_samples`` 200000 (per modality; the spec
+wants >= 2e5 texts for Stage II); ``early_stop_patience`` None (Stage II and learned R); ``eval_every`` 100;
+``log_every`` 25; ``val_size`` 2048. ``transform_block`` 1024 rows; ``threads`` 1: torch intra-op threads
+while fitting and transforming (None = leave the caller's setting).
+
+History (``history.json``): ``stage1_L_I`` (window means), ``stage1_L_I_val`` / ``_val_step`` (held-out
+images), ``stage1_lr_decay_steps``, ``stage2*_objective`` and per-term curves (``stage2_lambda<value>_*`` for
+each refiner trained by the selection), ``selection`` (the candidates' table) and ``selection_reference``
+(ReAlign on the same rows), ``*_steps_run`` and wall times ``seconds_*`` (the final calibration pass is not
+included).
 
 Tensors in the artifact: ``mu_text``, ``mu_image``, ``mu_hat`` (d,); ``frame.*`` (eigenvalues, q_u, q_v,
-mixing, basis); ``prior.*`` (anchor, weights, strength, offset, edges); ``init.*`` (d_v, levels,
-text_knots, image_knots); ``score_net.*`` and ``refiner.*`` (float32 network weights).
+mixing, basis); ``prior.*`` (anchor, weights, strength, offset, edges); ``init.*`` (d_v, shrinkage
+[gamma_U, gamma_V], scales [s_U, s_V], levels, text_knots, image_knots); ``refine.bounds`` (alpha_theta,
+alpha_rho, alpha_v); ``score_net.*`` and ``refiner.*`` (float32 network weights). Artifacts written before
+shrinkage existed lack ``init.shrinkage`` / ``init.scales`` / ``refine.bounds`` and load as the paper's map.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from ...embeddings import l2_normalize
 from ..base import Aligner, FitContext, register_aligner
+from ..realign import ReAlignAligner
 from .frame import MIXINGS, Frame, eigen_frame, haar_orthogonal, learn_mixing
-from .init import RADIAL_MAPS, V_SCALINGS, GlobalInit, RadialMap, fit_radial_map, v_side_scaling
+from .init import GLOBAL_SCALES, RADIAL_MAPS, V_SCALINGS, GlobalInit, RadialMap, fit_radial_map, side_scales, v_side_scaling
 from .polar import from_polar, to_polar
 from .prior import DiffusionConfig, PhasePrior, ScoreNet, build_score_net, phase_statistics, train_score_net
-from .refine import Bounds, Refiner, Stage2Objective, bounded_update, build_refiner, refiner_features, train_refiner
+from .refine import (PHASE_NORMALIZATIONS, Bounds, Refiner, Stage2Objective, bounded_update, build_refiner,
+                     kappa_bounds, refiner_features, train_refiner)
+from .select import Candidate, SelectionSet, candidate_row, choose, format_table, shrinkage_pair
 from .training import LoopConfig, reservoir_sample, torch_threads
 
+#: compute scale of the networks and loops; explicit parameters override the preset's values
+PRESETS: dict[str, dict[str, Any]] = {
+    # converges on a 2-core CPU in minutes (docs/ANISOALIGN.md shows the held-out L_I curve)
+    "cpu": {"score_hidden": 256, "score_layers": 3, "stage1_steps": 8000, "stage1_lr": 1e-3, "stage1_batch_size": 256,
+            "stage1_patience": 3, "stage1_eval_every": 200, "stage1_lr_decays": 2, "refiner_hidden": 256,
+            "refiner_layers": 2, "stage2_lr": 1e-3, "stage2_epochs": 1.0, "stage2_min_steps": 200,
+            "stage2_max_samples": 65536, "batch_size": 512},
+    # the spec's GPU recommendation (§2.11): 4 x 1024 score net, ~50k steps, lr 1e-4, batch 4096, 2 x 2048 g_eta
+    "paper": {"score_hidden": 1024, "score_layers": 4, "stage1_steps": 50_000, "stage1_lr": 1e-4,
+              "stage1_batch_size": 4096, "stage1_patience": 10, "stage1_eval_every": 1000, "stage1_lr_decays": 2, "refiner_hidden": 2048,
+              "refiner_layers": 2, "stage2_lr": 1e-4, "stage2_epochs": 2.0, "stage2_min_steps": 500,
+              "stage2_max_samples": None, "batch_size": 4096},
+}
+
 DEFAULT_PARAMS: dict[str, Any] = {
+    "preset": "cpu",
     # frame
     "rank": None, "energy": None, "ridge": 1e-6, "eps": 1e-8,
     "mixing": "haar", "mixing_steps": 200, "mixing_lr": 1e-2,
     # Stage I
-    "partners": 4, "tau": 0.1, "sigma_min": 0.01, "sigma_max": 1.0, "wrap_terms": 3,
-    "score_hidden": 256, "score_layers": 3, "score_fourier": 8, "stage1_steps": 2000, "stage1_lr": 1e-3,
+    "partners": 4, "tau": 0.1, "sigma_min": 0.01, "sigma_max": 1.0, "wrap_terms": 3, "score_fourier": 8,
+    **{key: PRESETS["cpu"][key] for key in ("score_hidden", "score_layers", "stage1_steps", "stage1_lr",
+                                             "stage1_batch_size", "stage1_patience", "stage1_eval_every",
+                                             "stage1_lr_decays")},
     # Stage II-a
-    "radial_map": "quantile", "radial_knots": 4096, "v_scaling": "std_ratio",
+    "radial_map": "quantile", "radial_knots": 4096, "v_scaling": "std_ratio", "v_floor": 0.1, "shrinkage": 1.0,
+    "global_scale": "common",
     # Stage II-b
-    "refiner_hidden": 256, "refiner_layers": 2,
+    "refiner_hidden": 256, "refiner_layers": 2, "refine_v": False,
+    "bounds": "data", "bound_scale": 0.25, "bound_k": 20,
     "alpha_theta": 0.2, "alpha_rho": 0.1, "alpha_v": 0.002, "reproject_v": True,
-    "lambda_phi": 1.0, "identity_weight": 1e-3, "prior_gradient": "full",
-    "stage2_steps": None, "stage2_epochs": 1.0, "stage2_min_steps": 200, "stage2_lr": 1e-3,
+    "lambda_phi": 1.0, "phase_normalization": "sum", "identity_weight": 1e-3, "prior_gradient": "full",
+    "prior_loss": "dsm", "ablation_reading": "guidance",
+    "stage2_steps": None, "stage2_epochs": 1.0, "stage2_min_steps": 200, "stage2_lr": 1e-3, "stage2_max_samples": 65536,
+    # automatic selection (unpaired, held-out fit data)
+    "select": "auto",
+    "select_shrinkage": [0.0, 0.06, 0.12, 0.25, 0.5, 1.0,
+                         [0.0, 0.06], [0.0, 0.12], [0.0, 0.18], [0.0, 0.25], [0.0, 0.35], [0.0, 0.5]],
+    "select_lambda_phi": [1.0, 10.0], "select_bound_scale": [0.01, 0.02, 0.05], "select_size": 2048, "select_k": 20,
+    "select_tolerance": 0.01, "select_calibration_rows": 16384, "select_pool": 8192, "select_refine_top": 2,
     # loops
-    "batch_size": 1024, "weight_decay": 0.0, "max_train_samples": 200_000, "early_stop_patience": None,
+    "batch_size": 512, "weight_decay": 0.0, "max_train_samples": 200_000, "early_stop_patience": None,
     "min_delta": 1e-3, "eval_every": 100, "log_every": 25, "val_size": 2048,
     # execution
     "transform_block": 1024, "threads": 1,
+}
+
+#: the paper's method exactly as the spec reads it (gamma = 1, eq.-9 L_Phi, fixed bounds, no floor, no selection)
+PAPER_SETTINGS: dict[str, Any] = {
+    "select": "none", "shrinkage": 1.0, "v_floor": 0.0, "bounds": "fixed", "phase_normalization": "paper",
+    "refine_v": True,
+}
+
+#: values of parameters added after the first artifacts were written: what those artifacts were fitted with
+LEGACY_PARAMS: dict[str, Any] = {
+    **PAPER_SETTINGS, "preset": None, "stage1_patience": None, "stage1_eval_every": 100, "stage1_lr_decays": 0,
+    "stage2_max_samples": None,
+    "prior_loss": "dsm",
+    "ablation_reading": "objectives",
 }
 
 
@@ -112,25 +178,46 @@ def _choice(name: str, value, options) -> None:
         raise ValueError(f"anisoalign: {name} must be one of {list(options)}, got {value!r}")
 
 
+@dataclass
+class _FitSamples:
+    """The statistic-estimation samples, split into training rows and held-out selection rows."""
+
+    image_u: np.ndarray  # (n_i, r) unmixed U coordinates of the training images
+    text: np.ndarray  # (n_t, d) training texts, float32
+    select_image: np.ndarray  # (s, d) held-out images, float64
+    select_text: np.ndarray  # (s, d) held-out texts, float64
+
+
 @register_aligner
 class AnisoAlign(Aligner):
-    """Full AnisoAlign: global init + g_eta trained with L_II + lambda_Phi L_Phi. See the module docstring."""
+    """AnisoAlign with the unpaired ``auto`` selection of gamma, lambda_Phi and the bounds. See the module docstring."""
 
     name = "anisoalign"
     default_params = DEFAULT_PARAMS
     centroid_calibration = True
     #: train the Stage-I score network
     uses_score_net: ClassVar[bool] = True
-    #: Stage-II objective terms; empty = no refiner at all (global init only)
+    #: Stage-II objective terms; empty = no refiner at all (global init only). "prior" reads ``prior_loss``.
     stage2_losses: ClassVar[tuple[str, ...]] = ("prior", "phase")
 
     def __init__(self, **params: Any) -> None:
+        preset = params.get("preset", self.default_params.get("preset"))
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"{self.name}: preset must be one of {sorted(PRESETS)} or None, got {preset!r}")
+            params = {**{k: v for k, v in PRESETS[preset].items() if k in self.default_params}, **params}
         super().__init__(**params)
         self.frame: Frame | None = None
         self.prior: PhasePrior | None = None
         self.init: GlobalInit | None = None
         self.score_net: ScoreNet | None = None
         self.refiner: Refiner | None = None
+        self.bounds: Bounds | None = None
+
+    @classmethod
+    def from_config_params(cls, params: dict[str, Any]) -> "AnisoAlign":
+        """Artifacts written before a parameter existed were fitted with its legacy value, not today's default."""
+        return cls(**{**{k: v for k, v in LEGACY_PARAMS.items() if k not in params}, **params})
 
     # ----------------------------------------------------------------------------- fitting
     def _validate_params(self) -> None:
@@ -139,101 +226,276 @@ class AnisoAlign(Aligner):
         _choice("radial_map", p["radial_map"], RADIAL_MAPS)
         _choice("v_scaling", p["v_scaling"], V_SCALINGS)
         _choice("prior_gradient", p["prior_gradient"], ("full", "sds"))
-        for key in ("alpha_theta", "alpha_rho", "alpha_v"):
+        _choice("prior_loss", p["prior_loss"], ("dsm", "guidance"))
+        _choice("ablation_reading", p["ablation_reading"], ("guidance", "objectives"))
+        _choice("phase_normalization", p["phase_normalization"], PHASE_NORMALIZATIONS)
+        _choice("bounds", p["bounds"], ("data", "fixed"))
+        _choice("select", p["select"], ("auto", "none"))
+        _choice("global_scale", p["global_scale"], GLOBAL_SCALES)
+        for key in ("alpha_theta", "alpha_rho", "alpha_v", "bound_scale", "v_floor", "select_tolerance"):
             if not float(p[key]) >= 0:
                 raise ValueError(f"anisoalign: {key} must be >= 0, got {p[key]}")
+        for value in [p["shrinkage"], *p["select_shrinkage"]]:
+            shrinkage_pair(value)
+        if p["select"] == "auto" and not p["select_shrinkage"]:
+            raise ValueError("anisoalign: select='auto' needs at least one select_shrinkage value")
         if not 0 < float(p["sigma_min"]) <= float(p["sigma_max"]):
             raise ValueError(f"anisoalign: need 0 < sigma_min <= sigma_max, got {p['sigma_min']}, {p['sigma_max']}")
         if int(p["max_train_samples"]) < 2:
             raise ValueError(f"anisoalign: max_train_samples must be >= 2, got {p['max_train_samples']}")
 
-    def _loop(self, ctx: FitContext, *, steps: int, lr: float, seed: int) -> LoopConfig:
+    def _loop(self, ctx: FitContext, *, steps: int, lr: float, seed: int, **changes) -> LoopConfig:
         p = self.params
-        return LoopConfig(steps=int(steps), batch_size=int(p["batch_size"]), lr=float(lr),
+        loop = LoopConfig(steps=int(steps), batch_size=int(p["batch_size"]), lr=float(lr),
                           weight_decay=float(p["weight_decay"]), device=ctx.device, seed=int(seed),
                           log_every=int(p["log_every"]), eval_every=int(p["eval_every"]),
                           patience=None if p["early_stop_patience"] is None else int(p["early_stop_patience"]),
                           min_delta=float(p["min_delta"]), val_size=int(p["val_size"]), progress=ctx.progress,
                           threads=p["threads"])
+        return loop.derive(**changes) if changes else loop
 
     def _fit(self, ctx: FitContext) -> None:
         with torch_threads(self.params["threads"]):
             self._fit_stages(ctx)
 
     def _fit_stages(self, ctx: FitContext) -> None:
+        """Spec §2.10, step by step (each step is a method below)."""
         if ctx.reducer is not None:
             raise ValueError(
                 f"{self.name}: fitting across processes (reducer) is not supported, because Stage I/II train "
                 "networks on one process's sample; fit once in a single process and share the artifact"
             )
         self._validate_params()
-        p, seed = self.params, self.seed
-        eps = float(p["eps"])
         clock = time.perf_counter()
-        mu_t, mu_i = ctx.text_moments.mean, ctx.image_moments.mean
-        frame = eigen_frame(ctx.text_moments, ctx.image_moments, ridge=float(p["ridge"]), rank=p["rank"], energy=p["energy"])
-        cap = int(p["max_train_samples"])
-        q_u = frame.q_u
-        image_u = reservoir_sample(ctx.image_chunks(), cap, seed, fn=lambda x: x @ q_u)  # unmixed coords (n, r)
-        text_rows = reservoir_sample(ctx.text_chunks(), cap, seed + 1, dtype=np.float32)  # (n, d)
-        self.fit_counts.update({"image_sample": int(image_u.shape[0]), "text_sample": int(text_rows.shape[0])})
-
-        # mixing R (spec Q1)
-        if p["mixing"] == "identity":
-            mixing = np.eye(frame.rank)
-        else:
-            mixing = haar_orthogonal(frame.rank, seed)
-            if p["mixing"] == "learned":
-                mixing, hist = learn_mixing(image_u, mixing, eps=eps,
-                                            loop=self._loop(ctx, steps=p["mixing_steps"], lr=p["mixing_lr"], seed=seed + 3))
-                self._add_history(hist, "mixing")
-        frame.mixing = mixing
-        basis = frame.basis
-
-        # Stage I statistics on image polar coordinates (raw x)
-        rho_x, theta_x = to_polar(image_u @ mixing, eps)
-        prior = phase_statistics(rho_x, theta_x, partners=int(p["partners"]), eps=eps)
-
-        # Stage II-a: radial maps and D_V
-        rho_y, _ = to_polar(self._blockwise(text_rows, lambda rows: (rows - mu_t + mu_i) @ basis), eps)
-        radial = fit_radial_map(rho_y, rho_x, int(p["radial_knots"])) if p["radial_map"] == "quantile" else None
-        if p["v_scaling"] == "std_ratio":
-            d_v = v_side_scaling(ctx.text_moments, ctx.image_moments, frame.q_v, eps)
-        else:
-            d_v = np.ones(frame.q_v.shape[1])
-
-        self.tensors.update({"mu_text": mu_t, "mu_image": mu_i, **frame.tensors(), **prior.tensors()})
-        self.tensors.update(GlobalInit(mu_t, mu_i, frame, radial, d_v, eps).tensors())
-        self._build_runtime()
+        frame = eigen_frame(ctx.text_moments, ctx.image_moments, ridge=float(self.params["ridge"]),
+                            rank=self.params["rank"], energy=self.params["energy"])
+        samples = self._draw_samples(ctx, frame)
+        frame.mixing = self._fit_mixing(ctx, frame, samples.image_u)
+        rho_x, theta_x = to_polar(samples.image_u @ frame.mixing, float(self.params["eps"]))
+        self._fit_statistics(ctx, frame, samples, rho_x, theta_x)
         clock = self._lap("seconds_frame_stats_init", clock)
-
-        # Stage I: score network
-        diffusion = self._diffusion()
         if self.uses_score_net:
-            net = self._new_score_net(frame.blocks, seed + 4)
-            hist = train_score_net(net, theta_x, rho_x, prior, diffusion=diffusion,
-                                   loop=self._loop(ctx, steps=p["stage1_steps"], lr=p["stage1_lr"], seed=seed + 5))
-            self._add_history(hist, "stage1")
-            self.tensors.update(_state_tensors("score_net.", net))
+            self._fit_score_net(ctx, samples, rho_x, theta_x)
             clock = self._lap("seconds_stage1", clock)
-
-        # Stage II-b: refiner
-        if self.stage2_losses:
-            theta0, rho0, v0 = self._blockwise(text_rows, self.init.state, outputs=3, dtype=np.float32)
-            refiner = self._new_refiner(frame.blocks, seed + 6)
-            n = theta0.shape[0]
-            steps = p["stage2_steps"]
-            if steps is None:
-                steps = max(int(p["stage2_min_steps"]),
-                            math.ceil(float(p["stage2_epochs"]) * n / min(int(p["batch_size"]), n)))
-            score_net = self._load_module(self._new_score_net(frame.blocks, 0), "score_net.") if self.uses_score_net else None
-            hist = train_refiner(refiner, theta0, rho0, v0, basis=basis, prior=prior, score_net=score_net,
-                                 objective=self._objective(), bounds=self._bounds(), diffusion=diffusion, eps=eps,
-                                 loop=self._loop(ctx, steps=steps, lr=p["stage2_lr"], seed=seed + 7))
-            self._add_history(hist, "stage2")
-            self.tensors.update(_state_tensors("refiner.", refiner))
+        if self.params["select"] == "auto":
+            self._select(ctx, samples)
+            clock = self._lap("seconds_selection", clock)
+        elif self.stage2_losses:
+            self._fit_fixed_refinement(ctx, samples)
             self._lap("seconds_stage2", clock)
         self._build_runtime()
+
+    def _draw_samples(self, ctx: FitContext, frame: Frame) -> _FitSamples:
+        """Reservoir samples of images (as U coordinates) and texts; the last rows are held out for selection."""
+        p, seed = self.params, self.seed
+        cap = int(p["max_train_samples"])
+        q_u = frame.q_u
+        n_select = int(p["select_size"])
+        # both samples are kept as float32 (n, d) (memory), every product with them is taken in float64
+        image = reservoir_sample(ctx.image_chunks(), cap + n_select, seed, dtype=np.float32)
+        text = reservoir_sample(ctx.text_chunks(), cap + n_select, seed + 1, dtype=np.float32)
+        held = min(n_select, image.shape[0] // 4, text.shape[0] // 4)
+        n_i, n_t = min(cap, image.shape[0] - held), min(cap, text.shape[0] - held)
+        self.fit_counts.update({"image_sample": int(n_i), "text_sample": int(n_t), "select_sample": int(held)})
+        return _FitSamples(image_u=self._blockwise(image[:n_i], lambda rows: rows @ q_u), text=text[:n_t],
+                           select_image=image[image.shape[0] - held:].astype(np.float64),
+                           select_text=text[text.shape[0] - held:].astype(np.float64))
+
+    def _fit_mixing(self, ctx: FitContext, frame: Frame, image_u: np.ndarray) -> np.ndarray:
+        """The orthogonal mixing R (spec Q1)."""
+        p = self.params
+        if p["mixing"] == "identity":
+            return np.eye(frame.rank)
+        mixing = haar_orthogonal(frame.rank, self.seed)
+        if p["mixing"] == "learned":
+            mixing, hist = learn_mixing(image_u, mixing, eps=float(p["eps"]),
+                                        loop=self._loop(ctx, steps=p["mixing_steps"], lr=p["mixing_lr"], seed=self.seed + 3))
+            self._add_history(hist, "mixing")
+        return mixing
+
+    def _fit_statistics(self, ctx: FitContext, frame: Frame, samples: _FitSamples, rho_x, theta_x) -> None:
+        """Stage I statistics (image phases), Stage II-a maps (radial T_k, D_V with its floor, side scales)."""
+        p, eps = self.params, float(self.params["eps"])
+        mu_t, mu_i = ctx.text_moments.mean, ctx.image_moments.mean
+        prior = phase_statistics(rho_x, theta_x, partners=int(p["partners"]), eps=eps)
+        basis = frame.basis
+        rho_y, _ = to_polar(self._blockwise(samples.text, lambda rows: (rows - mu_t + mu_i) @ basis), eps)
+        radial = fit_radial_map(rho_y, rho_x, int(p["radial_knots"])) if p["radial_map"] == "quantile" else None
+        if p["v_scaling"] == "std_ratio":
+            d_v = v_side_scaling(ctx.text_moments, ctx.image_moments, frame.q_v, eps, float(p["v_floor"]))
+        else:
+            d_v = np.ones(frame.q_v.shape[1])
+        scale_u, scale_v = side_scales(ctx.text_moments, ctx.image_moments, basis, frame.q_v, eps, p["global_scale"])
+        gamma_u, gamma_v = shrinkage_pair(p["shrinkage"])
+        init = GlobalInit(mu_t, mu_i, frame, radial, d_v, eps, gamma_u, scale_u, scale_v, gamma_v)
+        self.tensors.update({"mu_text": mu_t, "mu_image": mu_i, **frame.tensors(), **prior.tensors(), **init.tensors()})
+        self._build_runtime()
+
+    def _fit_score_net(self, ctx: FitContext, samples: _FitSamples, rho_x, theta_x) -> None:
+        """Stage I: the score network on the training images, stopped on a plateau of held-out L_I."""
+        p = self.params
+        rho_val = theta_val = None
+        if samples.select_image.shape[0]:
+            rho_val, theta_val = to_polar(samples.select_image @ self.frame.basis, float(p["eps"]))
+        net = self._new_score_net(self.frame.blocks, self.seed + 4)
+        patience = p["stage1_patience"]
+        loop = self._loop(ctx, steps=p["stage1_steps"], lr=p["stage1_lr"], seed=self.seed + 5,
+                          batch_size=int(p["stage1_batch_size"] or p["batch_size"]),
+                          eval_every=int(p["stage1_eval_every"]), patience=None if patience is None else int(patience),
+                          lr_decays=int(p["stage1_lr_decays"]))
+        hist = train_score_net(net, theta_x, rho_x, self.prior, diffusion=self._diffusion(), loop=loop,
+                               val_theta=theta_val, val_rho=rho_val)
+        self._add_history(hist, "stage1")
+        self.tensors.update(_state_tensors("score_net.", net))
+        self.score_net = self._load_module(self._new_score_net(self.frame.blocks, 0), "score_net.")
+
+    def _fit_fixed_refinement(self, ctx: FitContext, samples: _FitSamples) -> None:
+        """Stage II-b with the given gamma, lambda_Phi and bounds (no selection)."""
+        p = self.params
+        bounds = self._fixed_bounds()
+        if p["bounds"] == "data":
+            bounds = self._data_bounds(self.init, float(p["bound_scale"]), samples)
+        refiner = self._train_stage2(ctx, samples.text, self.init, float(p["lambda_phi"]), bounds)
+        self.tensors["refine.bounds"] = _bounds_tensor(bounds)
+        self.tensors.update(_state_tensors("refiner.", refiner))
+
+    def _train_stage2(self, ctx: FitContext, text: np.ndarray, init: GlobalInit, lambda_phi: float,
+                      bounds: Bounds, tag: str = "stage2") -> Refiner:
+        """Train g_eta on the initial states of ``text`` under ``init``; s_phi stays frozen."""
+        p = self.params
+        if p["stage2_max_samples"] is not None:
+            text = text[: int(p["stage2_max_samples"])]
+        theta0, rho0, v0 = self._blockwise(text, init.state, outputs=3, dtype=np.float32)
+        refiner = self._new_refiner(self.frame.blocks, self.seed + 6)
+        n = theta0.shape[0]
+        steps = p["stage2_steps"]
+        if steps is None:
+            steps = max(int(p["stage2_min_steps"]),
+                        math.ceil(float(p["stage2_epochs"]) * n / min(int(p["batch_size"]), n)))
+        objective = Stage2Objective(self._stage2_terms(), lambda_phi, float(p["identity_weight"]), p["prior_gradient"],
+                                    p["phase_normalization"])
+        hist = train_refiner(refiner, theta0, rho0, v0, basis=self.frame.basis, prior=self.prior,
+                             score_net=self.score_net, objective=objective, bounds=bounds,
+                             diffusion=self._diffusion(), eps=float(p["eps"]),
+                             loop=self._loop(ctx, steps=steps, lr=p["stage2_lr"], seed=self.seed + 7))
+        self._add_history({key.replace("stage2", tag, 1): value for key, value in hist.items()}, tag)
+        return refiner
+
+    # -------------------------------------------------------------------------- selection
+    def _select(self, ctx: FitContext, samples: _FitSamples) -> None:
+        """``select="auto"``: score every candidate on held-out fit data and keep the chosen one (select.py)."""
+        p = self.params
+        if samples.select_text.shape[0] < int(p["select_k"]) + 2:
+            raise ValueError(f"{self.name}: select='auto' needs more than {int(p['select_k']) + 1} held-out rows; "
+                             f"the fit has {samples.select_text.shape[0]} (give more data, or select='none')")
+        # mu_hat of every candidate (and of the reference) from the same rows: the whole text sample when it is
+        # small enough, so that the selection sees the calibration that the final fit will compute. The first
+        # calibration rows (training texts, never the held-out ones) also form Omega_k's neighbour pool.
+        calib = np.concatenate([samples.text, samples.select_text])[: int(p["select_calibration_rows"])]
+        calib = calib.astype(np.float64)
+        n_pool = max(0, min(int(p["select_pool"]) - samples.select_text.shape[0], samples.text.shape[0], len(calib)))
+        sel = SelectionSet(samples.select_text, samples.select_image, k=int(p["select_k"]), seed=self.seed,
+                           pool=calib[:n_pool])
+        reference = sel.score(*self._realign_substitutes(ctx, sel.text, calib, n_pool))
+        inits = {pair: self._init_with(pair) for pair in dict.fromkeys(map(shrinkage_pair, p["select_shrinkage"]))}
+        rows, chosen = [], []
+
+        states: dict[tuple, tuple] = {}  # initial states of the refinement bases, computed once
+
+        def evaluate(candidate: Candidate, refiner: Refiner | None, bounds: Bounds | None) -> None:
+            z, z_calib = self._substitutes(sel.text, calib, inits[candidate.shrinkage], refiner, bounds,
+                                           states.get(candidate.shrinkage))
+            rows.append(candidate_row(candidate, sel.score(z, z_calib[:n_pool])))
+            chosen.append((candidate, refiner, bounds))
+
+        for gamma in inits:
+            evaluate(Candidate(gamma), None, None)
+        tolerance = float(p["select_tolerance"])
+        gamma_star = tuple(rows[choose(rows, reference, tolerance)]["shrinkage"])
+        if self.stage2_losses and p["select_bound_scale"]:
+            median_knn = sel.median_knn_distance()
+            bases = _refinement_bases(rows, gamma_star, int(p["select_refine_top"]))
+            for gamma in bases:
+                states[gamma] = tuple(self._blockwise(part, inits[gamma].state, outputs=3) for part in (sel.text, calib))
+            for lam in p["select_lambda_phi"]:
+                top = self._data_bounds(inits[gamma_star], max(p["select_bound_scale"]), samples, median_knn)
+                refiner = self._train_stage2(ctx, samples.text, inits[gamma_star], float(lam), top,
+                                             tag=f"stage2_lambda{float(lam):g}")
+                for gamma in bases:
+                    init = inits[gamma]
+                    for beta in p["select_bound_scale"]:
+                        bounds = self._data_bounds(init, float(beta), samples, median_knn, calib)
+                        evaluate(Candidate(gamma, float(lam), float(beta)), refiner, bounds)
+        best = choose(rows, reference, float(p["select_tolerance"]))
+        self._keep_candidate(*chosen[best], inits)
+        self.history["selection"] = rows
+        self.history["selection_reference"] = reference
+        if ctx.progress:
+            print(format_table(rows, reference), flush=True)
+
+    def _keep_candidate(self, candidate: Candidate, refiner: Refiner | None, bounds: Bounds | None,
+                        inits: dict[float, GlobalInit]) -> None:
+        self.tensors.update(inits[candidate.shrinkage].tensors())
+        for key in [k for k in self.tensors if k.startswith("refiner.") or k == "refine.bounds"]:
+            del self.tensors[key]
+        if candidate.refined:
+            self.tensors["refine.bounds"] = _bounds_tensor(bounds)
+            self.tensors.update(_state_tensors("refiner.", refiner))
+
+    def _realign_substitutes(self, ctx: FitContext, text: np.ndarray, calib: np.ndarray, n_pool: int):
+        """ReAlign fitted on the same fit data, applied to ``text``: the selection's semantic reference.
+
+        Its centroid calibration uses the same ``calib`` rows as the candidates', so every row of the
+        selection table carries the same estimation error of mu_hat.
+        """
+        reference = ReAlignAligner()
+        reference.dim = self.dim
+        reference._fit(ctx)
+        z, z_calib = _calibrated(reference._map(text), reference._map(calib), ctx.image_moments.mean)
+        return z, z_calib[:n_pool]
+
+    def _init_with(self, shrinkage: tuple[float, float]) -> GlobalInit:
+        base = self.init
+        return GlobalInit(base.mu_text, base.mu_image, base.frame, base.radial, base.d_v, base.eps, shrinkage[0],
+                          base.scale_u, base.scale_v, shrinkage[1])
+
+    def _substitutes(self, text, calib, init: GlobalInit, refiner: Refiner | None, bounds: Bounds | None,
+                     states: tuple | None = None) -> np.ndarray:
+        """Calibrated substitutes of ``text`` and ``calib`` under one candidate; mu_hat estimated on ``calib``.
+
+        ``states`` may hold the precomputed initial states of (``text``, ``calib``) under ``init``."""
+        if states is not None:
+            mapped = [self._refine_states(*state, refiner, bounds)[-1] for state in states]
+            return _calibrated(mapped[0], mapped[1], init.mu_image)
+        block = lambda rows: self._map_block(rows, init, refiner, bounds)[-1]  # noqa: E731
+        return _calibrated(self._blockwise(text, block), self._blockwise(calib, block), init.mu_image)
+
+    def _fixed_bounds(self) -> Bounds:
+        p = self.params
+        return Bounds(float(p["alpha_theta"]), float(p["alpha_rho"]), float(p["alpha_v"]), bool(p["reproject_v"]))
+
+    def _data_bounds(self, init: GlobalInit, scale: float, samples: _FitSamples, median_knn: float | None = None,
+                     rows: np.ndarray | None = None) -> Bounds:
+        """Bounds with kappa E||c0|| = ``scale`` x the median text k-NN distance [INF].
+
+        alpha_rho / alpha_theta keeps the ratio of the ``alpha_*`` parameters; alpha_v is kept as given.
+        """
+        p = self.params
+        if median_knn is None:
+            held = samples.select_text if samples.select_text.shape[0] > int(p["bound_k"]) else samples.text[:4096]
+            median_knn = SelectionSet(held.astype(np.float64), held.astype(np.float64), k=int(p["bound_k"]),
+                                      seed=self.seed).median_knn_distance()
+        rows = samples.text[: int(p["select_calibration_rows"])] if rows is None else rows
+        coord_norm = float(init.mean_coord_norm(np.asarray(rows, dtype=np.float64)))
+        ratio = float(p["alpha_rho"]) / float(p["alpha_theta"]) if float(p["alpha_theta"]) > 0 else 0.5
+        target = float(scale) * median_knn / max(coord_norm, 1e-12)
+        kb = kappa_bounds(target, rho_ratio=ratio, alpha_v=float(p["alpha_v"]))
+        return Bounds(kb.alpha_theta, kb.alpha_rho, kb.alpha_v, bool(p["reproject_v"]))
+
+    # -------------------------------------------------------------------------- components
+    def _stage2_terms(self) -> tuple[str, ...]:
+        prior_term = "guidance" if self.params["prior_loss"] == "guidance" else "prior"
+        return tuple(prior_term if term == "prior" else term for term in self.stage2_losses)
 
     def _lap(self, key: str, since: float) -> float:
         now = time.perf_counter()
@@ -242,22 +504,13 @@ class AnisoAlign(Aligner):
 
     def _add_history(self, hist: dict, stage: str) -> None:
         for key, values in hist.items():
-            name = f"{stage}_steps_run" if key == "_steps_run" else key
+            name = f"{stage}{key}" if key.startswith("_") else key  # _steps_run -> stage1_steps_run
             self.history[name] = [float(v) for v in values]
 
-    # -------------------------------------------------------------------------- components
     def _diffusion(self) -> DiffusionConfig:
         p = self.params
         return DiffusionConfig(tau=float(p["tau"]), sigma_min=float(p["sigma_min"]), sigma_max=float(p["sigma_max"]),
                                n_terms=int(p["wrap_terms"]))
-
-    def _bounds(self) -> Bounds:
-        p = self.params
-        return Bounds(float(p["alpha_theta"]), float(p["alpha_rho"]), float(p["alpha_v"]), bool(p["reproject_v"]))
-
-    def _objective(self) -> Stage2Objective:
-        p = self.params
-        return Stage2Objective(self.stage2_losses, float(p["lambda_phi"]), float(p["identity_weight"]), p["prior_gradient"])
 
     def _new_score_net(self, blocks: int, seed: int) -> ScoreNet:
         p = self.params
@@ -265,9 +518,11 @@ class AnisoAlign(Aligner):
                                fourier=int(p["score_fourier"]), sigma_min=float(p["sigma_min"]),
                                sigma_max=float(p["sigma_max"]), seed=seed)
 
-    def _new_refiner(self, blocks: int, seed: int) -> Refiner:
+    def _new_refiner(self, blocks: int, seed: int, with_v: bool | None = None) -> Refiner:
         p = self.params
-        return build_refiner(blocks, self.dim, hidden=int(p["refiner_hidden"]), layers=int(p["refiner_layers"]), seed=seed)
+        with_v = bool(p["refine_v"]) if with_v is None else with_v
+        return build_refiner(blocks, self.dim, hidden=int(p["refiner_hidden"]), layers=int(p["refiner_layers"]),
+                             seed=seed, with_v=with_v)
 
     def _load_module(self, module: torch.nn.Module, prefix: str) -> torch.nn.Module:
         state = {key[len(prefix):]: torch.from_numpy(np.array(value)) for key, value in self.tensors.items()
@@ -276,23 +531,39 @@ class AnisoAlign(Aligner):
         return module.eval().requires_grad_(False)
 
     def _build_runtime(self) -> None:
-        """(Re)build frame, prior, global init and networks from ``self.tensors`` (fit and load share this)."""
+        """(Re)build frame, prior, global init, networks and bounds from ``self.tensors`` (fit and load share this).
+
+        Artifacts written before shrinkage and data-scaled bounds existed have no ``init.shrinkage`` /
+        ``refine.bounds``: they are the paper's map (gamma = 1) with the ``alpha_*`` parameters.
+        """
         t = self.tensors
         eps = float(self.params["eps"])
         self.frame = Frame.from_tensors(t)
         self.prior = PhasePrior.from_tensors(t)
-        self.init = GlobalInit(t["mu_text"], t["mu_image"], self.frame, RadialMap.from_tensors(t), t["init.d_v"], eps)
+        gammas = t["init.shrinkage"] if "init.shrinkage" in t else np.ones(2)
+        scales = t["init.scales"] if "init.scales" in t else np.ones(2)
+        self.init = GlobalInit(t["mu_text"], t["mu_image"], self.frame, RadialMap.from_tensors(t), t["init.d_v"], eps,
+                               float(gammas[0]), float(scales[0]), float(scales[1]), float(gammas[-1]))
         blocks = self.frame.blocks
         self.score_net = self._load_module(self._new_score_net(blocks, 0), "score_net.") if any(
             k.startswith("score_net.") for k in t) else None
-        self.refiner = self._load_module(self._new_refiner(blocks, 0), "refiner.") if any(
-            k.startswith("refiner.") for k in t) else None
+        self.refiner = None
+        if "refiner.head.weight" in t:
+            with_v = t["refiner.head.weight"].shape[0] > 2 * blocks
+            self.refiner = self._load_module(self._new_refiner(blocks, 0, with_v), "refiner.")
+        self.bounds = Bounds(*(float(a) for a in t["refine.bounds"][:3]), bool(self.params["reproject_v"])) \
+            if "refine.bounds" in t else self._fixed_bounds()
         self._basis = np.ascontiguousarray(t["frame.basis"])
         self._basis64 = torch.from_numpy(self._basis)
 
     def _load_state(self, config, tensors, history) -> None:
         super()._load_state(config, tensors, history)
         self._build_runtime()
+
+    def selection_table(self) -> str:
+        """The ``auto`` candidates' table of the last fit (or of the loaded artifact); '' without selection."""
+        rows = self.history.get("selection")
+        return format_table(rows, self.history.get("selection_reference")) if rows else ""
 
     # ----------------------------------------------------------------------------- mapping
     def _blockwise(self, rows: np.ndarray, fn, outputs: int = 1, dtype=np.float64):
@@ -329,23 +600,53 @@ class AnisoAlign(Aligner):
             arrays = self._blockwise(np.asarray(text, dtype=np.float64), self._map_block, outputs=len(keys))
         return dict(zip(keys, arrays))
 
-    def _map_block(self, block: np.ndarray):
-        theta0, rho0, v0 = self.init.state(block)
-        if self.refiner is not None:
+    def _map_block(self, block: np.ndarray, init: GlobalInit | None = None, refiner: Refiner | None = None,
+                   bounds: Bounds | None = None):
+        """One fixed-shape block through init -> g_eta -> bounded update -> e' (the fitted state by default)."""
+        if init is None:
+            init, refiner, bounds = self.init, self.refiner, self.bounds
+        theta0, rho0, v0 = init.state(block)
+        return (theta0, rho0, v0, *self._refine_states(theta0, rho0, v0, refiner, bounds))
+
+    def _refine_states(self, theta0, rho0, v0, refiner: Refiner | None, bounds: Bounds | None):
+        """Initial states -> (theta_hat, rho_hat, v_hat, e' = B c_hat + v_hat) through g_eta and eq. 7."""
+        if refiner is not None:
             state = [torch.from_numpy(a) for a in (theta0, rho0, v0)]
             with torch.no_grad():
                 feats = refiner_features(*(s.to(torch.float32) for s in state))
-                deltas = [d.to(torch.float64) for d in self.refiner(feats)]
-                theta_hat, rho_hat, v_hat, _ = bounded_update(*state, *deltas, self._basis64, self._bounds())
+                deltas = [None if d is None else d.to(torch.float64) for d in refiner(feats)]
+                theta_hat, rho_hat, v_hat, _ = bounded_update(*state, *deltas, self._basis64, bounds)
             theta_hat, rho_hat, v_hat = theta_hat.numpy(), rho_hat.numpy(), v_hat.numpy()
         else:
             theta_hat, rho_hat, v_hat = theta0, rho0, v0
         mapped = from_polar(rho_hat, theta_hat, float(self.params["eps"])) @ self._basis.T + v_hat
-        return theta0, rho0, v0, theta_hat, rho_hat, v_hat, mapped
+        return theta_hat, rho_hat, v_hat, mapped
 
     def _map(self, text: np.ndarray) -> np.ndarray:
         with torch_threads(self.params["threads"]):
             return self._blockwise(text, lambda block: self._map_block(block)[-1])
+
+
+def _refinement_bases(rows: list[dict], gamma_star: tuple, top: int) -> list[tuple]:
+    """The closed-form candidates the refiner is tried on: gamma* and, below it on both sides, the feasible
+    ones with the next-largest M_k^X (at most ``top`` in all). Refinement spends semantics too, so it is only
+    paired with gammas that leave room for it."""
+    below = [r for r in rows if r["feasible"] and r["shrinkage"][0] <= gamma_star[0]
+             and r["shrinkage"][1] <= gamma_star[1]]
+    below.sort(key=lambda r: -r["M_k_X"])
+    bases = [gamma_star] + [tuple(r["shrinkage"]) for r in below if tuple(r["shrinkage"]) != gamma_star]
+    return bases[: max(1, top)]
+
+
+def _calibrated(mapped: np.ndarray, mapped_calib: np.ndarray, mu_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Norm(Norm(e') - mu_hat + mu_i) of both inputs, mu_hat the mean of Norm(e') over the calibration rows (§2.9)."""
+    calib = l2_normalize(mapped_calib)
+    mu_hat = calib.mean(axis=0)
+    return l2_normalize(l2_normalize(mapped) - mu_hat + mu_image), l2_normalize(calib - mu_hat + mu_image)
+
+
+def _bounds_tensor(bounds: Bounds) -> np.ndarray:
+    return np.array([bounds.alpha_theta, bounds.alpha_rho, bounds.alpha_v], dtype=np.float64)
 
 
 def _state_tensors(prefix: str, module: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -353,7 +654,15 @@ def _state_tensors(prefix: str, module: torch.nn.Module) -> dict[str, np.ndarray
 
 
 @register_aligner
-class AnisoAlignInit(AnisoAlign):
+class AnisoAlignPaper(AnisoAlign):
+    """The paper's method as the spec reads it: gamma = 1, eq.-9 L_Phi, fixed bounds, no D_V floor, no selection."""
+
+    name = "anisoalign-paper"
+    default_params = {**DEFAULT_PARAMS, **PAPER_SETTINGS}
+
+
+@register_aligner
+class AnisoAlignInit(AnisoAlignPaper):
     """Table 4 "Global Init only": Stage II-a state, reconstructed and centroid-calibrated; no networks."""
 
     name = "anisoalign-init"
@@ -361,17 +670,30 @@ class AnisoAlignInit(AnisoAlign):
     stage2_losses = ()
 
 
+class _ReadingAblation(AnisoAlignPaper):
+    """An ablation whose objective depends on ``ablation_reading`` (docs/ANISOALIGN.md, "Ablations")."""
+
+    readings: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def _stage2_terms(self) -> tuple[str, ...]:
+        return self.readings[self.params["ablation_reading"]]
+
+    @property
+    def uses_score_net(self) -> bool:  # type: ignore[override]
+        return any(term in ("prior", "guidance") for term in self._stage2_terms())
+
+
 @register_aligner
-class AnisoAlignRefine(AnisoAlign):
-    """Table 4 "+ Refinement": g_eta trained by the identity regulariser only (spec Q3); equals the init."""
+class AnisoAlignRefine(_ReadingAblation):
+    """Table 4 "+ Refinement": g_eta trained by L_G ("guidance" reading, default) or by 1e-3 ||tanh||^2 only."""
 
     name = "anisoalign-refine"
-    uses_score_net = False
-    stage2_losses = ("identity",)
+    stage2_losses = ("refine",)
+    readings = {"guidance": ("guidance",), "objectives": ("identity",)}
 
 
 @register_aligner
-class AnisoAlignPrior(AnisoAlign):
+class AnisoAlignPrior(AnisoAlignPaper):
     """Table 4 "+ Refinement + L_II": g_eta trained by the prior-matching loss only."""
 
     name = "anisoalign-prior"
@@ -379,9 +701,9 @@ class AnisoAlignPrior(AnisoAlign):
 
 
 @register_aligner
-class AnisoAlignPhase(AnisoAlign):
-    """Table 4 "+ Refinement + L_Phi": g_eta trained by lambda_Phi L_Phi only (stationary at zero: equals the init)."""
+class AnisoAlignPhase(_ReadingAblation):
+    """Table 4 "+ Refinement + L_Phi": L_G + lambda_Phi L_Phi ("guidance" reading) or lambda_Phi L_Phi only."""
 
     name = "anisoalign-phase"
-    uses_score_net = False
     stage2_losses = ("phase",)
+    readings = {"guidance": ("guidance", "phase"), "objectives": ("phase",)}

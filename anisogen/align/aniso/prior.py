@@ -224,8 +224,9 @@ def dsm_loss(net: ScoreNet, phi: torch.Tensor, log_rho: torch.Tensor, prior: Tor
     Args:
         phi: clean phases (B, m); log_rho: (B, m) conditioning radii; t: (B, 1) times in [0, 1];
         noise: eps ~ N(0, I) (B, m); tau: drift step; gradient: ``"full"`` backpropagates through the
-        score network (spec Q5 default) or ``"sds"``: the value is the same, but the gradient reaching phi
-        is lambda_t (s_phi - grad log q) applied at phi~ without the network's Jacobian.
+        score network (spec Q5 default) or ``"sds"``: the value is the same, but the gradient reaching phi~
+        is -lambda_t (s_phi - grad log q), without the network's Jacobian (score distillation), so a
+        descent step moves phi~ up the prior's score.
     """
     sigma = sigma_schedule(t, sigma_min, sigma_max)
     mu = wrap(phi - tau * potential_grad(phi, prior))
@@ -239,9 +240,30 @@ def dsm_loss(net: ScoreNet, phi: torch.Tensor, log_rho: torch.Tensor, prior: Tor
         raise ValueError(f"prior gradient must be 'full' or 'sds', got {gradient!r}")
     residual = net(perturbed.detach(), sigma, log_rho.detach()) + SQRT2 * sigma * target
     value = (residual**2).sum(-1).detach()
-    direction = (-SQRT2 * sigma * residual).detach()  # lambda_t (s_phi - target)
+    # residual = -sqrt(2) sigma (s_phi - target), so sqrt(2) sigma residual = -lambda_t (s_phi - target): the
+    # surrogate's gradient. Descent then moves phi~ along +lambda_t (s_phi - target), i.e. up the prior's
+    # score (towards its modes); -target is the zero-mean control variate of score distillation.
+    direction = (SQRT2 * sigma * residual).detach()
     surrogate = (direction * perturbed).sum(-1)
     return value + surrogate - surrogate.detach()
+
+
+def guidance_loss(net: ScoreNet, phi: torch.Tensor, log_rho: torch.Tensor, prior: TorchPrior, *, t: torch.Tensor,
+                  noise: torch.Tensor, tau: float, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """One-step denoising guidance L_G per sample (B,) [INF]: the objective the paper says L_II replaces.
+
+    phi~ = wrap(mu_phi + sqrt(2) sigma_t eps) is drawn exactly as in :func:`dsm_loss`; the frozen prior
+    denoises it in one Tweedie step, target = wrap(phi~ + 2 sigma_t^2 s_phi(phi~)) (the posterior-mean
+    estimate of the clean phase), and phi is regressed towards the stop-gradient target on the circle:
+    L_G = sum_k 2 [1 - cos(phi_k - target_k)] (= sum_k wrap(phi_k - target_k)^2 near the target). The
+    gradient reaches phi directly, never through the network, so it is well defined for any s_phi.
+    """
+    sigma = sigma_schedule(t, sigma_min, sigma_max)
+    with torch.no_grad():
+        mu = wrap(phi - tau * potential_grad(phi, prior))
+        perturbed = wrap(mu + SQRT2 * sigma * noise)
+        target = wrap(perturbed + 2.0 * sigma**2 * net.score(perturbed, sigma, log_rho))
+    return (2.0 * (1.0 - torch.cos(phi - target))).sum(-1)
 
 
 def build_score_net(blocks: int, *, hidden: int, layers: int, fourier: int, sigma_min: float, sigma_max: float,
@@ -263,11 +285,14 @@ class DiffusionConfig:
 
 
 def train_score_net(net: ScoreNet, theta: np.ndarray, rho: np.ndarray, prior: PhasePrior, *, diffusion: DiffusionConfig,
-                    loop: LoopConfig) -> dict:
+                    loop: LoopConfig, val_theta: np.ndarray | None = None, val_rho: np.ndarray | None = None) -> dict:
     """Stage I: fit ``net`` on image phases ``theta`` and radii ``rho`` (n, m) by DSM (eq. 6), then freeze it.
 
     Mini-batches are drawn from the sample; t ~ U(0, 1) and eps ~ N(0, I) per row. The validation value
-    is the mean L_I on the first ``loop.val_size`` rows with fixed (t, eps). Returns the history:
+    is the mean L_I with fixed (t, eps) on the first ``loop.val_size`` rows of the *held-out* images
+    ``val_theta`` / ``val_rho`` when given (images never trained on), else of the training rows. With
+    ``loop.patience``, a plateau of this value first lowers the learning rate (``loop.lr_decays`` times, from
+    the best weights so far), then stops the run. Returns the history:
     ``stage1_L_I`` (window means), ``stage1_L_I_val`` / ``_val_step``. ``net`` ends on CPU, in eval mode,
     with ``requires_grad`` off.
     """
@@ -278,9 +303,13 @@ def train_score_net(net: ScoreNet, theta: np.ndarray, rho: np.ndarray, prior: Ph
     log_rho_t = torch.log(torch.as_tensor(rho, dtype=torch.float32))
     m = theta_t.shape[1]
     gen = torch.Generator().manual_seed(int(loop.seed) + 1)
-    n_val = min(loop.val_size, theta_t.shape[0])
-    val = (theta_t[:n_val].to(device), log_rho_t[:n_val].to(device), torch.rand(n_val, 1, generator=gen).to(device),
-           torch.randn(n_val, m, generator=gen).to(device))
+    val_theta_t, val_log_rho_t = theta_t, log_rho_t
+    if val_theta is not None and len(val_theta):
+        val_theta_t = torch.as_tensor(val_theta, dtype=torch.float32)
+        val_log_rho_t = torch.log(torch.as_tensor(val_rho, dtype=torch.float32))
+    n_val = min(loop.val_size, val_theta_t.shape[0])
+    val = (val_theta_t[:n_val].to(device), val_log_rho_t[:n_val].to(device),
+           torch.rand(n_val, 1, generator=gen).to(device), torch.randn(n_val, m, generator=gen).to(device))
     sampler = BatchSampler(theta_t.shape[0], loop.batch_size, loop.seed)
     opt = torch.optim.AdamW(net.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
     kw = dict(tau=diffusion.tau, sigma_min=diffusion.sigma_min, sigma_max=diffusion.sigma_max, n_terms=diffusion.n_terms)
@@ -299,8 +328,14 @@ def train_score_net(net: ScoreNet, theta: np.ndarray, rho: np.ndarray, prior: Ph
         with torch.no_grad():
             return float(dsm_loss(net, val[0], val[1], tp, t=val[2], noise=val[3], **kw).mean())
 
+    def on_plateau(best):
+        if best is not None:
+            net.load_state_dict(best)
+        for group in opt.param_groups:
+            group["lr"] *= loop.lr_decay_factor
+
     history = TrainingLoop(loop, "Stage I (score net)", step, evaluate, key="stage1_L_I",
-                           best_state=lambda: copy.deepcopy(net.state_dict())).run()
+                           best_state=lambda: copy.deepcopy(net.state_dict()), on_plateau=on_plateau).run()
     best = history.pop("_best_state", None)
     if best is not None:
         net.load_state_dict(best)

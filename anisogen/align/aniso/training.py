@@ -104,6 +104,8 @@ class LoopConfig:
         ``None`` runs all ``steps``. val_size: rows of the fixed validation batch.
     progress: show a tqdm bar with the running loss.
     threads: torch intra-op threads during the run (see :func:`torch_threads`; None = unchanged).
+    lr_decays, lr_decay_factor: with ``patience``, the first ``lr_decays`` plateaus multiply the learning rate
+        by ``lr_decay_factor`` and go on (from the best weights); the next plateau stops the run.
     """
 
     steps: int
@@ -119,6 +121,8 @@ class LoopConfig:
     val_size: int = 2048
     progress: bool = False
     threads: int | None = 1
+    lr_decays: int = 0
+    lr_decay_factor: float = 0.3
 
     def derive(self, **changes) -> "LoopConfig":
         return replace(self, **changes)
@@ -132,12 +136,16 @@ class TrainingLoop:
     drive early stopping (lower is better unless ``maximise``). ``best_state()`` (optional) snapshots
     the model; with early stopping on, the snapshot at the best validation value is returned under
     ``"_best_state"`` (the caller restores it). ``"_steps_run"`` holds the number of steps taken.
+    ``on_plateau(snapshot)`` (optional) is called when ``patience`` evaluations pass without improvement and
+    ``config.lr_decays`` allows another decay: it lowers the learning rate (and may restore ``snapshot``,
+    the best weights so far), and the run goes on; ``"_lr_decay_steps"`` lists where that happened.
     """
 
     def __init__(self, config: LoopConfig, desc: str, step: Callable[[int], dict], evaluate: Callable[[], float],
-                 *, key: str, maximise: bool = False, best_state: Callable[[], object] | None = None) -> None:
+                 *, key: str, maximise: bool = False, best_state: Callable[[], object] | None = None,
+                 on_plateau: Callable[[object], None] | None = None) -> None:
         self.config, self.desc, self.step, self.evaluate = config, desc, step, evaluate
-        self.key, self.maximise, self.best_state = key, maximise, best_state
+        self.key, self.maximise, self.best_state, self.on_plateau = key, maximise, best_state, on_plateau
 
     def run(self) -> dict:
         with torch_threads(self.config.threads):
@@ -172,6 +180,7 @@ class TrainingLoop:
         record_val(0)
         state["stale"] = 0
         done = 0
+        decays: list[float] = []
         bar = tqdm(total=cfg.steps, desc=self.desc, disable=not cfg.progress, leave=False)
         try:
             for i in range(cfg.steps):
@@ -186,13 +195,19 @@ class TrainingLoop:
                 if done % cfg.eval_every == 0 or done == cfg.steps:
                     record_val(done)
                     if cfg.patience is not None and state["stale"] >= cfg.patience:
-                        break
+                        if self.on_plateau is None or len(decays) >= cfg.lr_decays:
+                            break
+                        self.on_plateau(state["snapshot"])
+                        decays.append(float(done))
+                        state["stale"] = 0
         finally:
             bar.close()
         flush()
         if history[val_key + "_step"][-1] != done:
             record_val(done)
         history["_steps_run"] = [float(done)]
+        if decays:
+            history["_lr_decay_steps"] = decays
         if state["snapshot"] is not None:
             history["_best_state"] = state["snapshot"]
         return history
