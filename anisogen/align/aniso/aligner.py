@@ -103,7 +103,8 @@ from ...embeddings import l2_normalize
 from ..base import Aligner, FitContext, register_aligner
 from ..realign import ReAlignAligner
 from .frame import MIXINGS, Frame, eigen_frame, haar_orthogonal, learn_mixing
-from .init import GLOBAL_SCALES, RADIAL_MAPS, V_SCALINGS, GlobalInit, RadialMap, fit_radial_map, side_scales, v_side_scaling
+from .init import (GLOBAL_SCALES, RADIAL_MAPS, V_SCALINGS, GlobalInit, RadialMap, fit_radial_map, mean_coord_norm,
+                   side_scales, v_side_scaling)
 from .polar import from_polar, to_polar
 from .prior import DiffusionConfig, PhasePrior, ScoreNet, build_score_net, phase_statistics, train_score_net
 from .refine import (PHASE_NORMALIZATIONS, Bounds, Refiner, Stage2Objective, bounded_update, build_refiner,
@@ -422,11 +423,11 @@ class AnisoAlign(Aligner):
                 refiner = self._train_stage2(ctx, samples.text, inits[gamma_star], float(lam), top,
                                              tag=f"stage2_lambda{float(lam):g}")
                 for gamma in bases:
-                    init = inits[gamma]
+                    coord_norm = mean_coord_norm(states[gamma][1][1], self.init.eps)  # E||c0|| on the calib rows
                     for beta in p["select_bound_scale"]:
-                        bounds = self._data_bounds(init, float(beta), samples, median_knn, calib)
+                        bounds = self._data_bounds(inits[gamma], float(beta), samples, median_knn, coord_norm)
                         evaluate(Candidate(gamma, float(lam), float(beta)), refiner, bounds)
-        best = choose(rows, reference, float(p["select_tolerance"]))
+        best = choose(rows, reference, tolerance)
         self._keep_candidate(*chosen[best], inits)
         self.history["selection"] = rows
         self.history["selection_reference"] = reference
@@ -434,7 +435,7 @@ class AnisoAlign(Aligner):
             print(format_table(rows, reference), flush=True)
 
     def _keep_candidate(self, candidate: Candidate, refiner: Refiner | None, bounds: Bounds | None,
-                        inits: dict[float, GlobalInit]) -> None:
+                        inits: dict[tuple, GlobalInit]) -> None:
         self.tensors.update(inits[candidate.shrinkage].tensors())
         for key in [k for k in self.tensors if k.startswith("refiner.") or k == "refine.bounds"]:
             del self.tensors[key]
@@ -475,18 +476,20 @@ class AnisoAlign(Aligner):
         return Bounds(float(p["alpha_theta"]), float(p["alpha_rho"]), float(p["alpha_v"]), bool(p["reproject_v"]))
 
     def _data_bounds(self, init: GlobalInit, scale: float, samples: _FitSamples, median_knn: float | None = None,
-                     rows: np.ndarray | None = None) -> Bounds:
+                     coord_norm: float | None = None) -> Bounds:
         """Bounds with kappa E||c0|| = ``scale`` x the median text k-NN distance [INF].
 
         alpha_rho / alpha_theta keeps the ratio of the ``alpha_*`` parameters; alpha_v is kept as given.
+        ``median_knn`` and ``coord_norm`` (E||c0|| under ``init``) are computed here when not given.
         """
         p = self.params
         if median_knn is None:
             held = samples.select_text if samples.select_text.shape[0] > int(p["bound_k"]) else samples.text[:4096]
             median_knn = SelectionSet(held.astype(np.float64), held.astype(np.float64), k=int(p["bound_k"]),
                                       seed=self.seed).median_knn_distance()
-        rows = samples.text[: int(p["select_calibration_rows"])] if rows is None else rows
-        coord_norm = float(init.mean_coord_norm(np.asarray(rows, dtype=np.float64)))
+        if coord_norm is None:
+            rows = np.asarray(samples.text[: int(p["select_calibration_rows"])], dtype=np.float64)
+            coord_norm = float(init.mean_coord_norm(rows))
         ratio = float(p["alpha_rho"]) / float(p["alpha_theta"]) if float(p["alpha_theta"]) > 0 else 0.5
         target = float(scale) * median_knn / max(coord_norm, 1e-12)
         kb = kappa_bounds(target, rho_ratio=ratio, alpha_v=float(p["alpha_v"]))

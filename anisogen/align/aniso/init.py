@@ -106,6 +106,11 @@ def v_side_scaling(text_moments: Moments, image_moments: Moments, q_v: np.ndarra
 GLOBAL_SCALES = ("common", "per_side")
 
 
+def mean_coord_norm(rho0: np.ndarray, eps: float) -> float:
+    """E ||c0|| from the radii rho0 (n, m) of initial states (``eps`` undone as in ``from_polar``)."""
+    return float(np.mean(np.sqrt(np.maximum(rho0 * rho0 - eps, 0.0).sum(-1))))
+
+
 def side_scales(text_moments: Moments, image_moments: Moments, basis: np.ndarray, q_v: np.ndarray,
                 eps: float, mode: str = "common") -> tuple[float, float]:
     """(s_U, s_V): the global map's scales.
@@ -186,8 +191,7 @@ class GlobalInit:
 
     def mean_coord_norm(self, text: np.ndarray) -> float:
         """E ||c^(0)|| over ``text`` (n, d): the scale of the U-side state that the bounds act on."""
-        _, rho0, _ = self.state(text)
-        return float(np.mean(np.sqrt(np.maximum((rho0 * rho0 - self.eps), 0.0).sum(-1))))
+        return mean_coord_norm(self.state(text)[1], self.eps)
 
     def tensors(self) -> dict[str, np.ndarray]:
         out = {"init.d_v": self.d_v, "init.shrinkage": np.array([float(self.shrinkage), float(self.shrinkage_v)]),
