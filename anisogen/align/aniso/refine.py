@@ -91,10 +91,6 @@ class Bounds:
         e = np.exp(self.alpha_rho)
         return float(np.sqrt((e - 1.0) ** 2 + 4.0 * e * np.sin(self.alpha_theta / 2.0) ** 2))
 
-    def scaled(self, factor: float) -> "Bounds":
-        """The same step directions with every alpha multiplied by ``factor`` (0 = no refinement)."""
-        return Bounds(self.alpha_theta * factor, self.alpha_rho * factor, self.alpha_v * factor, self.reproject_v)
-
 
 def kappa_bounds(target_kappa: float, *, rho_ratio: float = 0.5, alpha_v: float = 0.0) -> Bounds:
     """The bounds with kappa(alpha_theta, alpha_rho) = ``target_kappa`` and alpha_rho = rho_ratio * alpha_theta.
