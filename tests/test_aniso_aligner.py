@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from anisogen.align import ALIGNERS, fit_aligner, load_aligner
 from anisogen.align.aniso import ANISO_VARIANTS
@@ -163,6 +164,13 @@ def test_bad_inputs_are_refused(data):
         fit_aligner("anisoalign-init", text=fit_text, image=fit_image, reducer=lambda v: v)
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['alpha'\]"):
         fit_aligner("anisoalign", text=fit_text, image=fit_image, alpha=0.1)
+    with pytest.raises(ValueError, match="not a torch device"):
+        fit_aligner("anisoalign-init", text=fit_text, image=fit_image, device="gpu0")
+    with pytest.raises(ValueError, match="trains on 'cpu' or 'cuda"):
+        fit_aligner("anisoalign-init", text=fit_text, image=fit_image, device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device on this machine"):
+            fit_aligner("anisoalign-init", text=fit_text, image=fit_image, device="cuda")
     bad = fit_text.copy()
     bad[17] *= 1.5
     with pytest.raises(ValueError, match="text: row 17 has L2 norm"):

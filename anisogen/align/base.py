@@ -134,6 +134,7 @@ class Aligner(ABC):
         ``reducer`` sums float64 vectors across processes (all-reduce); with it, every rank holding a
         part of the fit sample ends with the same statistics. Returns ``self``.
         """
+        self._check_fit_options(device=device or "cpu", reducer=reducer)
         text_m = Moments.from_source(text, name="text", normalize=normalize, chunk_size=chunk_size).reduce(reducer)
         image_m = Moments.from_source(image, name="image", normalize=normalize, chunk_size=chunk_size).reduce(reducer)
         if text_m.dim != image_m.dim:
@@ -152,6 +153,9 @@ class Aligner(ABC):
         if self.centroid_calibration:
             self._fit_centroid_calibration(ctx)
         return self
+
+    def _check_fit_options(self, *, device: str, reducer: Reducer | None) -> None:
+        """Refuse unusable fit options before any data is read (closed-form aligners accept all)."""
 
     def _fit_centroid_calibration(self, ctx: FitContext) -> None:
         """Store ``mu_image`` and ``mu_hat`` = mean of the uncalibrated outputs over the fit texts."""

@@ -110,7 +110,7 @@ from .prior import DiffusionConfig, PhasePrior, ScoreNet, build_score_net, phase
 from .refine import (PHASE_NORMALIZATIONS, Bounds, Refiner, Stage2Objective, bounded_update, build_refiner,
                      kappa_bounds, refiner_features, train_refiner)
 from .select import Candidate, SelectionSet, candidate_row, choose, format_table, shrinkage_pair
-from .training import LoopConfig, reservoir_sample, torch_threads
+from .training import LoopConfig, check_device, reservoir_sample, torch_threads
 
 #: compute scale of the networks and loops; explicit parameters override the preset's values
 PRESETS: dict[str, dict[str, Any]] = {
@@ -254,6 +254,9 @@ class AnisoAlign(Aligner):
                           min_delta=float(p["min_delta"]), val_size=int(p["val_size"]), progress=ctx.progress,
                           threads=p["threads"])
         return loop.derive(**changes) if changes else loop
+
+    def _check_fit_options(self, *, device: str, reducer) -> None:
+        check_device(device)
 
     def _fit(self, ctx: FitContext) -> None:
         with torch_threads(self.params["threads"]):

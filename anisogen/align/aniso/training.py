@@ -42,6 +42,22 @@ def torch_threads(n: int | None):
         torch.set_num_threads(previous)
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device, or a one-line ValueError when it is malformed or not available here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA device on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} was asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: AnisoAlign trains on 'cpu' or 'cuda[:N]'")
+    return dev
+
+
 def reservoir_sample(chunks: Iterable[np.ndarray], cap: int, seed: int, *,
                      fn: Callable[[np.ndarray], np.ndarray] | None = None, dtype=np.float64) -> np.ndarray:
     """Up to ``cap`` rows of ``fn(chunk)`` (default: the chunk itself), chosen uniformly at random.
