@@ -2,8 +2,12 @@
 
 They come from other models (7B-scale LLaVA-style MLLMs, real images) and other benchmarks, so the
 comparison is **qualitative**: only the ordering of methods is comparable, never the values. Sources:
-``/work/shared/reference/anisoalign-spec.md`` §5.2 (AnisoAlign Tables 1, 3, 4) and the papers in
-``/work/shared/papers`` (APP Table 3, Gap-Init Table 7, MoReS Table 1).
+"Anisotropic Modality Align" (Yu et al., arXiv 2605.07825), Tables 1, 3, 4; APP, "The Dominance of Text
+Space: Unveiling the Asymmetric Nature of Cross-Modal Alignment in Large Language Models" (Chen et al.),
+Table 3; Gap-Init, "When Is Rank-1 Enough? Geometry-Guided Initialization for Parameter-Efficient
+Fine-Tuning" (Zhao, Han, Hovy, arXiv 2602.01522), Table 7; MoReS, "LLaVA Steering: Visual Instruction
+Tuning with 500x Fewer Parameters through Modality Linear Representation-Steering" (Bi et al., ACL 2025,
+arXiv 2412.12359), Table 1.
 """
 
 from __future__ import annotations

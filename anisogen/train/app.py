@@ -1,7 +1,8 @@
 """APP: Anchor-Preserving Projection (spectral filtering of the projector task vector).
 
-Paper: ``shared/papers/000_*`` (Chen et al.), §4.1-4.3 and Alg. 1; ambiguities resolved as in
-``trainer-spec.md`` §1.1 (each choice is a named option, see ``docs/METHODS.md``).
+Paper: "The Dominance of Text Space: Unveiling the Asymmetric Nature of Cross-Modal Alignment in Large
+Language Models" (Chen et al., PatSnap), §4.1-4.3 and Alg. 1; each choice where it is ambiguous is a named
+option, listed in ``docs/METHODS.md``.
 
 For every 2-D weight matrix of the projector (``mlp2x_gelu``: ``0.weight`` and ``2.weight``)::
 

@@ -1,8 +1,8 @@
 """Gap-Init: rank-1 LoRA whose B column starts along the layer's modality gap.
 
-Paper: ``shared/papers/002_*`` (Zhao, Han, Hovy), §4.2-4.4, Alg. 1, appendices C (SPOT-Gap), E
-(noise) and G (hyper-parameters); ambiguities resolved as in ``trainer-spec.md`` §1.2 and listed in
-``docs/METHODS.md``.
+Paper: "When Is Rank-1 Enough? Geometry-Guided Initialization for Parameter-Efficient Fine-Tuning"
+(Zhao, Han, Hovy, ICML 2026, arXiv 2602.01522), §4.2-4.4, Alg. 1, appendices C (SPOT-Gap), E (noise) and
+G (hyper-parameters); how we resolved its ambiguities is listed in ``docs/METHODS.md``.
 
 Pipeline::
 

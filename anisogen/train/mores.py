@@ -1,7 +1,8 @@
 """MoReS: Modality Linear Representation-Steering (LoReFT form) at visual positions.
 
-Paper: ``shared/papers/003_*`` ("LLaVA Steering", Bi et al.), §4 eqs. 3-4 and App. A.1; with the
-authors' code (``bibisbar/LLaVA-Steering``) as summarised in ``trainer-spec.md`` §1.3. The paper's
+Paper: "LLaVA Steering: Visual Instruction Tuning with 500x Fewer Parameters through Modality Linear
+Representation-Steering" (Bi et al., ACL 2025, arXiv 2412.12359), §4 eqs. 3-4 and App. A.1, read together
+with the authors' public code (``bibisbar/LLaVA-Steering``); our choices are listed in ``docs/METHODS.md``. The paper's
 ``W_up . (Linear(h) - W_down h)`` with ``W_up = W_down^T = R^T`` (orthonormal rows; the stated
 ``W_down W_up^T = I_D`` is a typo for ``R R^T = I_r``) is exactly LoReFT::
 
