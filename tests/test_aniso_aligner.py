@@ -313,3 +313,26 @@ def test_artifacts_from_before_the_change_still_load(data, tmp_path):
     save_file(tensors, str(tmp_path / "a" / "tensors.safetensors"))
     with pytest.raises(ValueError, match=r"cannot load this 'anisoalign' artifact \(written by anisogen 0.1.0\).*refit"):
         load_aligner(tmp_path / "a")
+
+
+def test_data_scaled_bounds_without_selection_solve_kappa_for_the_median_knn_distance(data):
+    """select="none", bounds="data": kappa(alpha) E||c0|| = bound_scale x the median held-out text 20-NN distance."""
+    from anisogen.align.aniso.refine import Bounds
+    from anisogen.geometry.knn import knn_search
+
+    fit_text, fit_image, _ = data
+    a = fit_aligner("anisoalign", text=fit_text, image=fit_image, seed=0,
+                    **{**TINY, "select": "none", "bound_scale": 0.3, "stage2_steps": 5})
+    alpha_theta, alpha_rho, _ = a.tensors["refine.bounds"]
+    assert alpha_rho == pytest.approx(0.5 * alpha_theta)
+    # independent computation on the same held-out texts (the last reservoir rows) and calibration rows
+    from anisogen.align.aniso.training import reservoir_sample
+
+    texts = reservoir_sample([fit_text], a.params["max_train_samples"] + a.params["select_size"], 1, dtype=np.float32)
+    held = texts[-a.fit_counts["select_sample"]:].astype(np.float64)
+    kth = knn_search(held, k=20)[:, -1]
+    median = np.median(np.sqrt(np.clip(2 - 2 * np.einsum("ij,ij->i", held, held[kth]), 0, None)))
+    rows = texts[: a.fit_counts["text_sample"]].astype(np.float64)
+    _, rho0, _ = a.init.state(rows)
+    coord_norm = np.mean(np.sqrt(np.maximum(rho0**2 - 1e-8, 0).sum(-1)))
+    assert Bounds(alpha_theta, alpha_rho).kappa * coord_norm == pytest.approx(0.3 * median, rel=1e-9)

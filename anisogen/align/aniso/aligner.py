@@ -109,7 +109,9 @@ from .polar import from_polar, to_polar
 from .prior import DiffusionConfig, PhasePrior, ScoreNet, build_score_net, phase_statistics, train_score_net
 from .refine import (PHASE_NORMALIZATIONS, Bounds, Refiner, Stage2Objective, bounded_update, build_refiner,
                      kappa_bounds, refiner_features, train_refiner)
-from .select import Candidate, SelectionSet, candidate_row, choose, format_table, shrinkage_pair
+from ...geometry.knn import knn_search
+from .select import (Candidate, SelectionSet, candidate_row, choose, format_table, median_knn_distance,
+                     shrinkage_pair)
 from .training import LoopConfig, check_device, reservoir_sample, torch_threads
 
 #: compute scale of the networks and loops; explicit parameters override the preset's values
@@ -131,21 +133,20 @@ DEFAULT_PARAMS: dict[str, Any] = {
     # frame
     "rank": None, "energy": None, "ridge": 1e-6, "eps": 1e-8,
     "mixing": "haar", "mixing_steps": 200, "mixing_lr": 1e-2,
+    # network sizes and loop lengths: the cpu preset (Stage I and II, batch size)
+    **PRESETS["cpu"],
     # Stage I
     "partners": 4, "tau": 0.1, "sigma_min": 0.01, "sigma_max": 1.0, "wrap_terms": 3, "score_fourier": 8,
-    **{key: PRESETS["cpu"][key] for key in ("score_hidden", "score_layers", "stage1_steps", "stage1_lr",
-                                             "stage1_batch_size", "stage1_patience", "stage1_eval_every",
-                                             "stage1_lr_decays")},
     # Stage II-a
     "radial_map": "quantile", "radial_knots": 4096, "v_scaling": "std_ratio", "v_floor": 0.1, "shrinkage": 1.0,
     "global_scale": "common",
     # Stage II-b
-    "refiner_hidden": 256, "refiner_layers": 2, "refine_v": False,
+    "refine_v": False,
     "bounds": "data", "bound_scale": 0.25, "bound_k": 20,
     "alpha_theta": 0.2, "alpha_rho": 0.1, "alpha_v": 0.002, "reproject_v": True,
     "lambda_phi": 1.0, "phase_normalization": "sum", "identity_weight": 1e-3, "prior_gradient": "full",
     "prior_loss": "dsm", "ablation_reading": "guidance",
-    "stage2_steps": None, "stage2_epochs": 1.0, "stage2_min_steps": 200, "stage2_lr": 1e-3, "stage2_max_samples": 65536,
+    "stage2_steps": None,
     # automatic selection (unpaired, held-out fit data)
     "select": "auto",
     "select_shrinkage": [0.0, 0.06, 0.12, 0.25, 0.5, 1.0,
@@ -153,7 +154,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "select_lambda_phi": [1.0, 10.0], "select_bound_scale": [0.01, 0.02, 0.05], "select_size": 2048, "select_k": 20,
     "select_tolerance": 0.01, "select_calibration_rows": 16384, "select_pool": 8192, "select_refine_top": 2,
     # loops
-    "batch_size": 512, "weight_decay": 0.0, "max_train_samples": 200_000, "early_stop_patience": None,
+    "weight_decay": 0.0, "max_train_samples": 200_000, "early_stop_patience": None,
     "min_delta": 1e-3, "eval_every": 100, "log_every": 25, "val_size": 2048,
     # execution
     "transform_block": 1024, "threads": 1,
@@ -488,8 +489,8 @@ class AnisoAlign(Aligner):
         p = self.params
         if median_knn is None:
             held = samples.select_text if samples.select_text.shape[0] > int(p["bound_k"]) else samples.text[:4096]
-            median_knn = SelectionSet(held.astype(np.float64), held.astype(np.float64), k=int(p["bound_k"]),
-                                      seed=self.seed).median_knn_distance()
+            held = np.asarray(held, dtype=np.float64)
+            median_knn = median_knn_distance(held, knn_search(held, k=int(p["bound_k"])))
         if coord_norm is None:
             rows = np.asarray(samples.text[: int(p["select_calibration_rows"])], dtype=np.float64)
             coord_norm = float(init.mean_coord_norm(rows))

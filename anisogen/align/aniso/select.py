@@ -72,9 +72,7 @@ class SelectionSet:
 
     def median_knn_distance(self) -> float:
         """Median over the held-out texts of the Euclidean distance to their k-th nearest text (pool included)."""
-        kth = self.text_neighbours[:, -1]
-        cos = np.einsum("ij,ij->i", self.text, self._text_base[kth])
-        return float(np.median(np.sqrt(np.clip(2.0 - 2.0 * cos, 0.0, None))))
+        return median_knn_distance(self.text, self.text_neighbours, self._text_base)
 
     def _neighbours(self, rows: np.ndarray, pool: np.ndarray | None) -> np.ndarray:
         base = rows if pool is None or not len(pool) else np.vstack([rows, pool])
@@ -97,6 +95,14 @@ class SelectionSet:
 def _pair_sims(rows: np.ndarray, pairs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Cosine similarities of every pair i < j (Psi over all pairs, from one Gram matrix)."""
     return (rows @ rows.T)[pairs]
+
+
+def median_knn_distance(rows: np.ndarray, neighbours: np.ndarray, base: np.ndarray | None = None) -> float:
+    """Median over unit ``rows`` of the Euclidean distance to their last listed neighbour, a row of ``base``
+    (default: ``rows``): with k-NN lists from :func:`knn_search`, the median k-th neighbour distance."""
+    base = rows if base is None else base
+    cos = np.einsum("ij,ij->i", rows, base[neighbours[:, -1]])
+    return float(np.median(np.sqrt(np.clip(2.0 - 2.0 * cos, 0.0, None))))
 
 
 def choose(rows: list[dict], reference: dict, tolerance: float) -> int:
