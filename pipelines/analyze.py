@@ -66,12 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=5, help="optimisation steps traced")
     g.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (paper: 2e-4)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random direction / LoRA init")
+    g.add_argument("--prefix-ids", default=None, metavar="IDS",
+                   help="comma-separated token ids put before each calibration sequence, i.e. what the export's "
+                        "template puts before <image> (default: BOS; required for tokenizers without BOS)")
     g.add_argument("--out-dir", required=True, help="writes gap_alignment.json and gap_alignment.png here")
     return p
 
 
 def _pairs(a):
-    from anisogen.train.analysis import load_pairs
+    from anisogen.train.methods.analysis_common import load_pairs
 
     return load_pairs(shards=a.shards, embeddings=a.embeddings, texts=a.texts, limit=a.limit)
 
@@ -84,8 +87,7 @@ def main(argv=None) -> int:
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if a.cmd == "spectrum":
-        from anisogen.train.analysis import projector_spectrum
-        from anisogen.train.app import load_state, parse_app_spec
+        from anisogen.train.methods.app import load_state, parse_app_spec, projector_spectrum
 
         res = projector_spectrum(load_state(a.pre)[0], load_state(a.ft)[0], out, parse_app_spec(a.app))
         for n, r in res.items():
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
 
     embs, texts = _pairs(a)
     if a.cmd == "lmar":
-        from anisogen.train.analysis import lmar_for_export, write_lmar_report
+        from anisogen.train.methods.mores import lmar_for_export, write_lmar_report
 
         results = {}
         for item in a.export:
@@ -116,12 +118,14 @@ def main(argv=None) -> int:
         print(f"wrote {files['json']} and {files['png']}")
         return 0
 
-    from anisogen.train.analysis import gap_alignment_for_export, plot_lines
+    from anisogen.train.methods.analysis_common import plot_lines
+    from anisogen.train.methods.gap_init import gap_alignment_for_export
 
     targets = [t.strip() for t in a.targets.split(",")] if a.targets else None
     res = gap_alignment_for_export(lambda: load_export(a.export), embs, texts, calib_samples=a.calib_samples,
                                    num_layers=a.num_layers, targets=targets, r=a.r, alpha=a.alpha, steps=a.steps,
-                                   lr=a.lr, batch_size=a.batch_size, seed=a.seed)
+                                   lr=a.lr, batch_size=a.batch_size, seed=a.seed,
+                                   prefix_ids=[int(x) for x in a.prefix_ids.split(",")] if a.prefix_ids else ())
     (out / "gap_alignment.json").write_text(json.dumps(res, indent=2))
     plot_lines({f"{v}: ||g^T dL/dW||": [t["gap_grad"] for t in r["trace"]] for v, r in res["variants"].items()}
                | {f"{v}: ||dL/dA||": [t["grad_A"] for t in r["trace"]] for v, r in res["variants"].items()},

@@ -6,7 +6,10 @@
 --pre / --ft are projector .safetensors files or folders holding projector.safetensors (exports,
 checkpoints). --out is a .safetensors path or a folder (receives projector.safetensors and
 app_report.json). With --export-from, --out becomes a complete export: a copy of that export folder
-with its projector replaced by the merged one (loadable with anisogen.train.load_export).
+with its projector replaced by the merged one (loadable with anisogen.train.load_export). An export
+holding parts trained next to its projector (a LoRA/Gap-Init adapter, MoReS steering, full LM weights)
+is refused: those parts co-adapted to the unfiltered projector. Use the export of a projector-only run,
+or pass --allow-coadapted.
 See docs/METHODS.md (APP) for the math and every default.
 """
 
@@ -20,7 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anisogen.train.app import APP_SPEC_HELP, BIAS_POLICIES, merge_files, parse_app_spec, summarize  # noqa: E402
+from anisogen.train.methods.app import (  # noqa: E402
+    APP_SPEC_HELP, BIAS_POLICIES, coadapted_parts, merge_files, parse_app_spec, summarize,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="JSON report path (default: next to the output)")
     p.add_argument("--export-from", default=None, metavar="EXPORT_DIR",
                    help="copy this export folder to --out and put the merged projector in it")
+    p.add_argument("--allow-coadapted", action="store_true",
+                   help="accept an --export-from export whose adapter / steering / LM weights trained next to its "
+                        "(unfiltered) projector; by default such an export is refused")
     p.add_argument("--spectrum", default=None, metavar="DIR", help="also write spectrum.json/png (analysis) to DIR")
     return p
 
@@ -59,24 +67,30 @@ def main(argv=None) -> int:
         if out.suffix == ".safetensors":
             print("error: with --export-from, --out must be a folder", file=sys.stderr)
             return 2
+        parts = coadapted_parts(src)
+        if parts and not a.allow_coadapted:
+            print(f"error: {src} holds {', '.join(parts)}, trained next to its projector; they co-adapted to the "
+                  "unfiltered projector, so pairing them with the merged one gives a model that was never trained. "
+                  "Use the export of a projector-only run (--method projector), or pass --allow-coadapted",
+                  file=sys.stderr)
+            return 2
         tmp = out.with_name(f".tmp-{out.name}")
         if tmp.exists():
             shutil.rmtree(tmp)
         shutil.copytree(src, tmp)
         report = merge_files(a.pre, a.ft, tmp, cfg, prefix=a.prefix, report_path=a.report)
+        report["overrides"] = {"allow_coadapted": bool(parts), "coadapted_parts": parts}
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
         report["output"] = str(out / "projector.safetensors")
-        if a.report is None:
-            (out / "app_report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        Path(a.report or out / "app_report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     else:
         report = merge_files(a.pre, a.ft, out, cfg, prefix=a.prefix, report_path=a.report)
     for line in summarize(report):
         print(line)
     if a.spectrum:
-        from anisogen.train.analysis import projector_spectrum
-        from anisogen.train.app import load_state
+        from anisogen.train.methods.app import load_state, projector_spectrum
 
         pre, _ = load_state(a.pre, a.prefix)
         ft, _ = load_state(a.ft, a.prefix)

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anisogen.train.methods import options_help  # noqa: E402
 from anisogen.train.projector import PROJECTOR_KINDS_HELP  # noqa: E402
 from anisogen.train.templates import TEMPLATES  # noqa: E402
+from anisogen.train.config import REPORT_TO_HELP  # noqa: E402
 from anisogen.train.trainer import TrainConfig, train  # noqa: E402
 
 
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="user instruction added after <image> when captions are trained with a chat template")
     g.add_argument("--template", default=d.template, choices=sorted(TEMPLATES),
                    help="prompt template: plain (stage 1), vicuna_v1, hf_chat (tokenizer's chat template)")
+    g.add_argument("--image-prefix", default=d.image_prefix,
+                   help="fixed tokens before <image> so the image never sits at the attention-sink position 0: "
+                        "auto (BOS if the tokenizer has one, else the text 'Image:'), bos, or any literal text")
     g.add_argument("--max-length", type=int, default=d.max_length,
                    help="max tokens per sequence after placeholder insertion; longer ones lose their tail")
     g.add_argument("--no-l2-normalize", dest="l2_normalize", action="store_false",
@@ -57,16 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--method", default=d.method, help="what trains: projector | full | lora | any registered method")
     m.add_argument("--opt", dest="method_options", action="append", default=[], metavar="KEY=VALUE",
                    help="method option (repeatable), e.g. --opt r=16 --opt targets=q_proj,v_proj")
-    m.add_argument("--freeze-projector", action="store_true", help="keep the projector fixed (methods that allow it)")
+    m.add_argument("--freeze-projector", dest="freeze_projector", action="store_const", const=True, default=None,
+                   help="keep the projector fixed (default: the method's, e.g. gap_init freezes it)")
+    m.add_argument("--train-projector", dest="freeze_projector", action="store_const", const=False,
+                   help="train the projector even where the method freezes it by default")
+    m.add_argument("--loss-chunk-tokens", type=int, default=d.loss_chunk_tokens,
+                   help="target tokens per cross-entropy chunk (logits are never materialised for the whole batch; "
+                        "0: one full-logits pass)")
     m.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the LM (use_reentrant=False)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, default=d.batch_size, help="micro-batch size per process")
     o.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     o.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (0: derive from --epochs)")
     o.add_argument("--epochs", type=float, default=d.epochs, help="data epochs when --max-steps is 0")
-    o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the projector")
-    o.add_argument("--adapter-lr", type=float, default=d.adapter_lr, help="peak learning rate of adapters / LM weights")
-    o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    o.add_argument("--lr", type=float, default=d.lr,
+                   help="peak learning rate of the projector (default: the method's for the stage, docs/METHODS.md)")
+    o.add_argument("--adapter-lr", type=float, default=d.adapter_lr,
+                   help="peak learning rate of adapters / LM weights (default: the method's, docs/METHODS.md)")
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay of matrices; biases and norms never decay (default: the method's)")
     o.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="linear warmup fraction before cosine decay")
     o.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping norm (0: off)")
     o.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation and the data stream")
@@ -84,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept (0: all)")
     b.add_argument("--no-resume", dest="resume", action="store_false", help="ignore checkpoints in --output-dir")
     b.add_argument("--halt-at-step", type=int, default=0, help="save a checkpoint and stop at this step (time-boxed jobs)")
-    b.add_argument("--tensorboard", action="store_true", help="also log to <output-dir>/tensorboard if installed")
+    b.add_argument("--report-to", default=d.report_to, help=REPORT_TO_HELP)
     b.add_argument("--post", action="append", default=[], metavar="NAME[:SPEC]",
                    help="post-processing after the export (repeatable), e.g. --post app:energy:0.8")
     b.add_argument("--app", metavar="SPEC", help="shorthand for --post app:SPEC (APP projector merge, e.g. energy:0.8)")

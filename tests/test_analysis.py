@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from anisogen.train.analysis import (
-    gradient_trace, init_alignment, lmar, modality_attention, projector_spectrum, write_lmar_report,
-)
-from anisogen.train.app import AppConfig
+from anisogen.train.methods.app import AppConfig, projector_spectrum
+from anisogen.train.methods.gap_init import gradient_trace, init_alignment
+from anisogen.train.methods.mores import lmar, modality_attention, write_lmar_report
 from anisogen.train.projector import build_projector
 
 torch.set_num_threads(1)  # 2 shared cores: intra-op threads only add contention at these sizes
@@ -121,7 +120,7 @@ def test_projector_spectrum(tmp_path):
 def _gap_setup(direction="gap", seed=0):
     from peft import get_peft_model
 
-    from anisogen.train.gap_init import apply_gap_init, make_lora_config, random_directions
+    from anisogen.train.methods.gap_init import apply_gap_init, make_lora_config, random_directions
 
     lm = tiny_llama(seed=seed)
     g = torch.Generator().manual_seed(42)
@@ -141,7 +140,7 @@ def test_init_alignment_gap_vs_random():
     assert max(abs(c) for c in cos_r.values()) < 0.7  # random directions in R^32
     from peft import get_peft_model
 
-    from anisogen.train.gap_init import make_lora_config
+    from anisogen.train.methods.gap_init import make_lora_config
 
     plain = get_peft_model(tiny_llama(), make_lora_config(target_modules=("q_proj",), layers=[0]))
     assert all(math.isnan(c) for c in init_alignment(plain, gaps).values())  # PEFT init: B = 0
@@ -178,7 +177,7 @@ def test_gradient_trace_along_gap_direction():
 def test_gradient_trace_grad_A_matches_direction_gradient_without_dropout():
     from peft import get_peft_model
 
-    from anisogen.train.gap_init import apply_gap_init, make_lora_config
+    from anisogen.train.methods.gap_init import apply_gap_init, make_lora_config
 
     lm = tiny_llama()
     g = torch.Generator().manual_seed(42)
@@ -224,7 +223,8 @@ def test_analyze_cli_on_trained_exports(tmp_path):
     assert data["mores"]["lmar"] != data["projector"]["lmar"]  # steering changes the attention
     assert (out / "lmar.png").read_bytes()[:4] == b"\x89PNG"
     # independent check of one export: the library call on the same pairs gives the same numbers
-    from anisogen.train.analysis import lmar_for_export, load_pairs
+    from anisogen.train.methods.analysis_common import load_pairs
+    from anisogen.train.methods.mores import lmar_for_export
 
     embs, texts = load_pairs(shards=str(tmp_path / "shards"), limit=6)
     again = lmar_for_export(load_export(tmp_path / "s1" / "export"), embs, texts, max_new_tokens=3,

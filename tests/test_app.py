@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from anisogen.train.app import (
-    AppConfig, app_merge, choose_k, merge_files, parse_app_spec, svd_truncate, ties_trim,
+from anisogen.train.methods.app import (
+    AppConfig, app_merge, check_app_run, choose_k, coadapted_parts, export_slug, merge_files, parse_app_spec,
+    split_post_spec, svd_truncate, ties_trim,
 )
 from anisogen.train.projector import build_projector
 
@@ -271,3 +272,96 @@ def test_trainer_post_app_writes_raw_and_merged_exports(stage1, tmp_path):
     assert all(torch.equal(cli_out[k], got[k]) for k in got)
     assert (tmp_path / "cli" / "config.json").is_file() and (tmp_path / "spec" / "spectrum.png").is_file()
     assert torch.equal(load_export(tmp_path / "cli").model.projector.state_dict()["0.weight"], got["0.weight"])
+
+
+# ----------------------------------------------------------------------------------------- refusals
+
+
+class _Cfg:
+    def __init__(self, method="projector", init_from="runs/s1/export"):
+        self.method, self.init_from = method, init_from
+
+
+def test_post_spec_flags_and_slug():
+    assert split_post_spec("ratio:0.3,allow_random_anchor") == ("ratio:0.3", {"allow_random_anchor"})
+    assert split_post_spec("force") == ("energy:0.8", {"allow_random_anchor", "allow_coadapted"})
+    assert split_post_spec("") == ("energy:0.8", set())
+    assert export_slug("energy:0.8,force") == export_slug("energy:0.8") == "energy-0.8"
+    with pytest.raises(ValueError, match="neither a flag"):
+        split_post_spec("ratio:0.3,ratio:0.2")
+
+
+def test_app_refuses_a_random_anchor_unless_allowed():
+    proj = ["projector.0.weight", "projector.0.bias"]
+    with pytest.raises(ValueError, match="no --init-from.*allow_random_anchor") as e:
+        check_app_run(_Cfg(init_from=None), "ratio:0.25", proj)
+    assert "\n" not in str(e.value)
+    for spec in ("ratio:0.25,allow_random_anchor", "ratio:0.25,force"):
+        ok = check_app_run(_Cfg(init_from=None), spec, proj)
+        assert ok["rule"] == "ratio:0.25" and "allow_random_anchor" in ok["flags"]
+        assert len(ok["warnings"]) == 1 and "random initialisation" in ok["warnings"][0]
+    assert check_app_run(_Cfg(), "ratio:0.25", proj)["warnings"] == []
+    with pytest.raises(ValueError, match="projector was not trainable"):
+        check_app_run(_Cfg(), "energy:0.8", ["lm.layers.0.lora_A.weight"])
+
+
+def test_app_refuses_coadapted_adapters_unless_allowed():
+    names = ["projector.0.weight", "lm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+    with pytest.raises(ValueError, match="method 'lora'.*co-adapt.*--method projector.*allow_coadapted") as e:
+        check_app_run(_Cfg("lora"), "energy:0.8", names)
+    assert "\n" not in str(e.value)
+    ok = check_app_run(_Cfg("lora"), "energy:0.8,allow_coadapted", names)
+    assert ok["flags"] == ["allow_coadapted"] and "co-adapt" in ok["warnings"][0]
+    # force lifts both refusals at once
+    assert len(check_app_run(_Cfg("mores", init_from=None), "force", names + ["extras.mores.x"])["warnings"]) == 2
+
+
+def test_check_postprocessors_refuses_before_training():
+    from types import SimpleNamespace
+
+    from anisogen.train.methods import check_postprocessors
+
+    proj = ["projector.0.weight"]
+    cfg = SimpleNamespace(method="projector", init_from=None, post=["app:ratio:0.25"])
+    with pytest.raises(ValueError, match="no --init-from"):
+        check_postprocessors(cfg, proj)
+    check_postprocessors(SimpleNamespace(method="projector", init_from=None, post=["app:ratio:0.25,force"]), proj)
+    check_postprocessors(SimpleNamespace(method="projector", init_from=None, post=[]), proj)
+
+
+def test_trainer_post_app_refusals_and_overrides(stage1, tmp_path):
+    from anisogen.train import TrainConfig, train
+
+    d = stage1
+    base = dict(train_jsonl=str(d / "sft.jsonl"), emb_npy=str(d / "emb.npy"), template="hf_chat", batch_size=8,
+                lr=3e-3, adapter_lr=3e-3, max_steps=2, warmup_ratio=0.0, num_workers=0, progress=False,
+                max_length=96, projector="mlp2x_gelu")
+    init = str(d / "s1" / "export")
+    with pytest.raises(ValueError, match="no --init-from"):
+        train(TrainConfig(output_dir=str(tmp_path / "a"), method="projector", post=["app:ratio:0.25"], **base))
+    s = train(TrainConfig(output_dir=str(tmp_path / "b"), method="projector", post=["app:ratio:0.25,allow_random_anchor"],
+                          **base))
+    rep = json.loads((tmp_path / "b" / "export_app-ratio-0.25" / "app_report.json").read_text())
+    assert rep["overrides"]["flags"] == ["allow_random_anchor"]
+    assert s["post"]["app:ratio:0.25,allow_random_anchor"]["overrides"]["flags"] == ["allow_random_anchor"]
+    lora = dict(method="lora", init_from=init, method_options=["r=2"], freeze_projector=False, **base)
+    with pytest.raises(ValueError, match="co-adapt"):
+        train(TrainConfig(output_dir=str(tmp_path / "c"), post=["app:ratio:0.25"], **lora))
+    train(TrainConfig(output_dir=str(tmp_path / "d"), post=["app:ratio:0.25,allow_coadapted"], **lora))
+    assert (tmp_path / "d" / "export_app-ratio-0.25" / "adapter").is_dir()
+    # the offline merge refuses to put a merged projector next to that run's adapter, unless allowed
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("merge_cli", Path(__file__).resolve().parents[1] / "pipelines" / "merge.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    raw = tmp_path / "d" / "export"
+    assert coadapted_parts(raw) == ["adapter/ (PEFT adapter)"]
+    argv = ["--pre", str(tmp_path / "d" / "projector_pre.safetensors"), "--ft", str(raw), "--app", "ratio:0.25",
+            "--out", str(tmp_path / "m"), "--export-from", str(raw)]
+    assert cli.main(argv) == 2 and not (tmp_path / "m").exists()
+    assert cli.main(argv + ["--allow-coadapted"]) == 0
+    rep = json.loads((tmp_path / "m" / "app_report.json").read_text())
+    assert rep["overrides"]["coadapted_parts"] == ["adapter/ (PEFT adapter)"]
+    assert coadapted_parts(d / "s1" / "export") == []

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from anisogen.train.gap_init import (
-    apply_gap_init, collect_gap_stats, decoder_layers, lora_modules, make_lora_config, masked_layer_means,
-    normalized_gaps, random_directions, select_layers, spot_gap_scores,
+from anisogen.train.methods.gap_init import (
+    apply_gap_init, calibration_prefix, collect_gap_stats, decoder_layers, lora_modules, make_lora_config,
+    masked_layer_means, normalized_gaps, random_directions, select_layers, spot_gap_scores,
 )
 from anisogen.train.model import EmbeddingLM
 from anisogen.train.projector import build_projector
@@ -123,8 +123,49 @@ def test_collect_gap_stats_separate_matches_manual():
     gaps = stats.gaps()
     assert torch.allclose(gaps[1], t_means[:, 1].mean(0) - v_means[:, 1].mean(0), atol=1e-5)
     # max_samples truncates
-    s4 = collect_gap_stats(elm.lm, elm.embed, batches, image_token_id=IMG, num_visual_tokens=1, max_samples=4)
+    s4 = collect_gap_stats(elm.lm, elm.embed, batches, image_token_id=IMG, num_visual_tokens=1, max_samples=4,
+                           prefix_ids=[1])
     assert s4.num_samples == 4
+
+
+def test_calibration_prefix_never_position_zero():
+    class Bos:
+        bos_token_id = 7
+
+    class NoBos:
+        bos_token_id = None
+
+    assert calibration_prefix((3, 4), Bos()) == [3, 4]  # the template's prefix wins over BOS
+    assert calibration_prefix((), Bos()) == [7]
+    with pytest.raises(ValueError, match="position 0"):
+        calibration_prefix((), NoBos())
+    elm = tiny_elm()
+    with pytest.raises(ValueError, match="position 0"):
+        collect_gap_stats(elm.lm, elm.embed, calib_batches(n=3), image_token_id=IMG, num_visual_tokens=1)
+    # the prefix is used for both passes and changes the means (vs a one-token prefix)
+    a = collect_gap_stats(elm.lm, elm.embed, calib_batches(n=3), image_token_id=IMG, num_visual_tokens=1, prefix_ids=[1])
+    b = collect_gap_stats(elm.lm, elm.embed, calib_batches(n=3), image_token_id=IMG, num_visual_tokens=1,
+                          prefix_ids=[1, 5, 6])
+    assert not torch.allclose(a.text, b.text) and not torch.allclose(a.visual, b.visual)
+
+
+@pytest.mark.parametrize("mode", ["separate", "joint"])
+def test_collect_gap_stats_skips_text_only_rows(mode):
+    elm = tiny_elm()
+    batches = calib_batches(n=6)
+    flags = [torch.tensor([True, False, True]), torch.tensor([False, False, False])]
+    marked = [dict(b, has_image=f) for b, f in zip(batches, flags)]
+    kept = [{k: v[f] for k, v in b.items()} for b, f in zip(batches[:1], flags[:1])]
+    kw = dict(image_token_id=IMG, num_visual_tokens=1, prefix_ids=[1], mode=mode)
+    got = collect_gap_stats(elm.lm, elm.embed, marked, **kw)
+    want = collect_gap_stats(elm.lm, elm.embed, kept, **kw)
+    assert got.num_samples == 2
+    assert torch.allclose(got.text, want.text) and torch.allclose(got.visual, want.visual)
+    # an absent key means every row has an image; max_samples counts kept rows only
+    assert collect_gap_stats(elm.lm, elm.embed, batches, **kw).num_samples == 6
+    assert collect_gap_stats(elm.lm, elm.embed, marked, max_samples=1, **kw).num_samples == 1
+    with pytest.raises(ValueError, match="no sample with an image"):
+        collect_gap_stats(elm.lm, elm.embed, marked[1:], **kw)
 
 
 def test_collect_gap_stats_joint_mode():
@@ -142,7 +183,8 @@ def test_collect_gap_stats_joint_mode():
 def _init(elm, layers=(0, 1), r=1, targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"), **kw):
     from peft import get_peft_model
 
-    stats = collect_gap_stats(elm.lm, elm.embed, calib_batches(n=6), image_token_id=IMG, num_visual_tokens=1)
+    stats = collect_gap_stats(elm.lm, elm.embed, calib_batches(n=6), image_token_id=IMG, num_visual_tokens=1,
+                              prefix_ids=[1])
     dirs = normalized_gaps({li: g for li, g in stats.gaps().items() if li in layers})
     peft_model = get_peft_model(elm.lm, make_lora_config(r=r, target_modules=targets, layers=list(layers)))
     report = apply_gap_init(peft_model, dirs, **kw)
@@ -341,6 +383,36 @@ def test_registered_method_prepares_gap_init_on_embedding_lm():
     info = m.prepare(ctx2).info
     scores = info["spot_gap_scores"]
     assert info["layers"] == [int(np.argmax(scores))]
+
+
+def test_method_calibrates_after_the_template_prefix_and_freezes_the_projector():
+    from anisogen.train.methods import MethodContext, get_method, parse_options
+
+    class Tok:
+        bos_token_id = None  # e.g. a Qwen-style tokenizer: no BOS
+        pad_token_id = 0
+
+    class Cfg:  # no freeze_projector attribute: the method default (frozen) applies
+        method = "gap_init"
+
+    m = get_method("gap_init")
+    opts = parse_options(m, ["num_layers=1", "calib_samples=3", "targets=q_proj,o_proj"])
+    ctx = MethodContext(model=tiny_elm(), tokenizer=Tok(), config=Cfg(), options=opts, device=torch.device("cpu"),
+                        calibration=lambda n: calib_batches(n=3), log=lambda s: None)
+    with pytest.raises(ValueError, match="position 0"):
+        m.prepare(ctx)
+    elm = tiny_elm()
+    ctx = MethodContext(model=elm, tokenizer=Tok(), config=Cfg(), options=opts, device=torch.device("cpu"),
+                        calibration=lambda n: calib_batches(n=3), log=lambda s: None, prefix_ids=(1, 5))
+    setup = m.prepare(ctx)
+    assert setup.info["calibration"]["prefix_ids"] == [1, 5]
+    ref = tiny_elm()
+    want = collect_gap_stats(ref.lm, ref.embed, calib_batches(n=3), image_token_id=IMG, num_visual_tokens=1,
+                             prefix_ids=[1, 5], layers=[1])
+    got_norm = setup.info["calibration"]["gap_norms"]["1"]
+    assert got_norm == pytest.approx(float(want.gaps()[1].norm()), rel=1e-6)
+    assert [g.name for g in setup.groups] == ["adapter"]
+    assert not any(p.requires_grad for p in elm.projector.parameters())
 
 
 def test_trainer_gap_init_run_lowers_loss_and_exports(tmp_path):

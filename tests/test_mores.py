@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from anisogen.train.model import EmbeddingLM
-from anisogen.train.mores import (
+from anisogen.train.methods.mores import (
     MoReS, SteeringIntervention, lora_parameter_count, mores_parameter_count, parameter_summary,
     select_positions,
 )
@@ -349,7 +349,7 @@ def test_trainer_mores_run_and_export(tmp_path):
 
 
 def test_default_dropout_leaves_the_residual_stream_intact():
-    from anisogen.train.mores import MORES_OPTIONS
+    from anisogen.train.methods.mores import MORES_OPTIONS
 
     assert MORES_OPTIONS["dropout_on"][0] == "delta"
     torch.manual_seed(0)
@@ -372,7 +372,7 @@ def test_default_dropout_leaves_the_residual_stream_intact():
 
 
 def test_visual_mask_hook_drives_steering_and_rebinding():
-    from anisogen.train.mores import bind_embedding_lm
+    from anisogen.train.methods.mores import bind_embedding_lm
 
     lm = tiny_llama()
     torch.manual_seed(1)

@@ -77,6 +77,7 @@ def test_resampled_stream_equal_batches_per_rank(shards, tok, workers, monkeypat
         assert nb == (13 if workers == 0 else 14)  # ceil(100 / (4*2)) = 13, rounded up to a multiple of 2 workers
         assert len(batches) == nb
         assert all(b["input_ids"].shape[0] == 4 for b in batches)  # full batches only
+        assert all(b["has_image"].dtype == torch.bool and b["has_image"].all() for b in batches)  # stage 1: all images
         seen.append([k for b in batches for k in b["keys"]])
     assert seen[0] != seen[1]  # ranks read differently seeded streams
 
@@ -95,9 +96,10 @@ def test_eval_pass_covers_every_key_once(shards, tok):
     d, items = shards
     spec = StreamSpec.from_shards(d)
     for world in (1, 2, 3, 16):  # 16 ranks > 10 shards: sample-level split
-        keys = [k for r in range(world) for b in eval_batches(spec, builder(tok), batch_size=7, rank=r, world_size=world)
-                for k in b["keys"]]
+        batches = [b for r in range(world) for b in eval_batches(spec, builder(tok), batch_size=7, rank=r, world_size=world)]
+        keys = [k for b in batches for k in b["keys"]]
         assert sorted(keys) == sorted(it["key"] for it in items), world
+        assert all(torch.equal(b["has_image"], torch.ones(len(b["keys"]), dtype=torch.bool)) for b in batches)
 
 
 def test_embedding_transform_and_decode():
@@ -194,7 +196,9 @@ def test_stage2_records_by_index_and_key(tmp_path, tok, shards):
     reasons = [json.loads(x)["reason"] for x in (tmp_path / "rej").glob("*.jsonl").__next__().read_text().splitlines()]
     assert any("out of range" in r for r in reasons) and any("invalid JSON" in r for r in reasons)
     assert any("missing embedding key 'no-such-key'" in r for r in reasons)
+    assert a.extra["text_only"] == b.extra["text_only"] == 0
     bl = builder(tok, template="vicuna_v1", max_length=512)
+    assert all(bt["has_image"].all() for bt in eval_batches(a, bl, batch_size=5))
     ea = [x for bt in eval_batches(a, bl, batch_size=5) for x in bt["emb"]]
     eb = [x for bt in eval_batches(b, bl, batch_size=5) for x in bt["emb"]]
     # shards store float16, the .npy float32: the same embeddings up to fp16 rounding

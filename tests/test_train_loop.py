@@ -92,7 +92,9 @@ def test_checkpoints_hold_only_trainable_tensors(tmp_path, world):
     assert sorted(state["trainable_names"]) == sorted(t) and state["step"] == 2
     assert state["data"]["consumed_batches_per_rank"] == 2
     opt = load_file(str(ckpts[0] / "optimizer.safetensors"))
-    assert {k.split(".", 2)[2] for k in opt} == {"step", "exp_avg", "exp_avg_sq"}
+    assert {k.rsplit("::", 1)[1] for k in opt} == {"step", "exp_avg", "exp_avg_sq"}
+    assert {k.rsplit("::", 1)[0] for k in opt} == set(t)  # optimizer state keyed by parameter name
+    assert state["format_version"] == 2 and state["max_steps"] == 2
     train(cfg(tmp_path / "l", world, max_steps=1, method="lora", template="plain"))
     t = load_file(str(tmp_path / "l" / "checkpoints" / "step-00000001" / "trainable.safetensors"))
     assert all(k.startswith("projector.") or "lora_" in k for k in t)

@@ -55,12 +55,18 @@ def test_hf_chat_matches_full_rendering(tok):
 def test_plain_template(tok):
     enc = get_template("plain").encode(caption_conversation("a red star on the left"), tok,
                                        image_token_id=IMG, num_image_tokens=4)
-    assert enc.input_ids[:4] == [IMG] * 4  # tiny tokenizer adds no BOS
+    pre = tok("Image:", add_special_tokens=False)["input_ids"]  # the tiny tokenizer adds no BOS: text prefix
+    k = len(pre)
+    assert enc.input_ids[:k + 4] == pre + [IMG] * 4 and enc.image_start == k
     assert tok.decode(target_spans(enc.labels)[0], skip_special_tokens=True) == "a red star on the left"
-    assert enc.labels[:4] == [IGNORE_INDEX] * 4
+    assert enc.labels[:k + 4] == [IGNORE_INDEX] * (k + 4)
     gen = get_template("plain").encode(caption_conversation("x")[:1], tok, image_token_id=IMG,
                                        num_image_tokens=4, for_generation=True)
-    assert gen.input_ids == [IMG] * 4
+    assert gen.input_ids == pre + [IMG] * 4
+    legacy = get_template("plain", image_prefix="legacy").encode(caption_conversation("x")[:1], tok,
+                                                                  image_token_id=IMG, num_image_tokens=4,
+                                                                  for_generation=True)
+    assert legacy.input_ids == [IMG] * 4  # old exports: the tiny tokenizer prepends no BOS
 
 
 def test_generation_prompt_is_training_prefix(tok):

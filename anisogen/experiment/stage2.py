@@ -59,7 +59,7 @@ def run_stage2(cfg: ExperimentConfig, world: World, lm: str, stage1: dict, align
     out: dict = {"aligner": name, "n_conversations": len(world.instruction_records), "n_qa": len(world.qa_records)}
 
     # projector-only, APP vs naive task vector
-    from ..train.app import export_slug
+    from ..train.methods.app import export_slug
 
     s, info = run("projector", cfg.seed, post=[f"app:{cfg.app_spec}", "app:naive"])
     base = Path(s["export_dir"]).parent

@@ -5,7 +5,7 @@ Public API:
 * :class:`TrainConfig`, :func:`train` -- run stage 1 / stage 2 training (``pipelines/train.py``);
 * :func:`load_export` -- load a trained export for inference in one call (``.generate``, ``.caption_loss``);
 * :class:`EmbeddingLM`, :func:`build_projector`, :func:`load_lm`, :func:`get_template`;
-* :func:`register_method`, :func:`register_postprocessor` -- the extension point (``methods.py``).
+* :func:`register_method`, :func:`register_postprocessor` -- the extension point (``methods/``).
 
 Submodules are imported lazily so that ``import anisogen.train`` stays cheap.
 """

@@ -231,5 +231,8 @@ def load_export(path, *, device: str | torch.device = "cpu", dtype: torch.dtype 
         model.extras.load_state_dict(load_file(str(path / "extras.safetensors")))
     model.to(device)
     model.eval()
-    return ExportedModel(model, tokenizer, get_template(cfg["template"]),
+    # exports written before the image prefix existed keep their layout ("legacy": BOS only when the
+    # tokenizer prepends it)
+    template = get_template(cfg["template"], image_prefix=cfg.get("image_prefix", "legacy"))
+    return ExportedModel(model, tokenizer, template,
                          EmbeddingTransform.from_description(cfg["normalization"]), cfg)

@@ -7,6 +7,7 @@ The projected embedding replaces the input embeddings of ``k`` reserved placehol
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Callable
 
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .loss import (DEFAULT_CHUNK_TOKENS, ChunkedLossUnsupported, chunked_causal_lm_loss_sum, last_hidden_state,
+                   lm_head_parts)
 from .projector import Projector
 from .templates import IGNORE_INDEX
 
@@ -60,6 +63,20 @@ class EmbeddingLM(nn.Module):
         return handle
 
     @property
+    def _no_split_modules(self) -> list[str]:
+        """The LM's decoder-layer class names (through PEFT wrappers): what FSDP's transformer-based
+        auto-wrap shards as units when the accelerate config names no layer class."""
+        lm = self.lm
+        for _ in range(3):
+            names = getattr(lm, "_no_split_modules", None)
+            if names:
+                return list(names)
+            lm = getattr(lm, "base_model", None) or getattr(lm, "model", None)
+            if lm is None:
+                break
+        return []
+
+    @property
     def num_visual_tokens(self) -> int:
         """Placeholder tokens per sample: vectors_per_sample * projector.tokens_per_vector."""
         return self.vectors_per_sample * self.projector.tokens_per_vector
@@ -77,16 +94,23 @@ class EmbeddingLM(nn.Module):
         """(B, T) bool mask of placeholder positions."""
         return input_ids == self.image_token_id
 
-    def embed(self, input_ids: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, emb: torch.Tensor, has_image: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with projected ``emb`` scattered into the placeholders.
 
         Args:
-            input_ids: (B, T) int64, each row holding exactly ``num_visual_tokens`` placeholders.
+            input_ids: (B, T) int64, each image row holding exactly ``num_visual_tokens`` placeholders.
             emb: (B, d_in) or (B, n, d_in) float embeddings (already normalised by the data pipeline).
+            has_image: (B,) bool; False marks a text-only row, which must hold no placeholder (its
+                ``emb`` row is projected but not used). None: every row has an image.
         Returns:
             (B, T, H) in the LM's embedding dtype.
         Raises:
-            PlaceholderMismatch if a row's placeholder count differs from the projected token count.
+            PlaceholderMismatch if a row's placeholder count differs from the projected token count
+            (0 for text-only rows).
+
+        The projector always runs on the whole batch, so its parameters are in the autograd graph (zero
+        gradient) even when no row has an image: DDP/FSDP with ``find_unused_parameters=False`` cannot
+        hang on a text-only batch.
         """
         mask = self.visual_mask(input_ids)
         counts = mask.sum(dim=1)
@@ -99,9 +123,21 @@ class EmbeddingLM(nn.Module):
             raise PlaceholderMismatch(
                 f"got {emb.shape[1]} embedding vectors per sample, the model expects {self.vectors_per_sample}"
             )
-        bad = torch.nonzero(counts != want).flatten()
+        expected = torch.full_like(counts, want)
+        if has_image is not None:
+            if tuple(has_image.shape) != (input_ids.shape[0],):
+                raise PlaceholderMismatch(
+                    f"has_image has shape {tuple(has_image.shape)}, expected ({input_ids.shape[0]},)")
+            has_image = has_image.to(device=counts.device, dtype=torch.bool)
+            expected = expected * has_image
+        bad = torch.nonzero(counts != expected).flatten()
         if bad.numel():
             row = int(bad[0])
+            if int(expected[row]) == 0:
+                raise PlaceholderMismatch(
+                    f"row {row} is text-only (has_image False) but has {int(counts[row])} image placeholder tokens "
+                    f"(id {self.image_token_id}) ({int(bad.numel())} bad rows)"
+                )
             raise PlaceholderMismatch(
                 f"row {row} has {int(counts[row])} image placeholder tokens (id {self.image_token_id}) but the "
                 f"projector makes {want} visual tokens per sample ({int(bad.numel())} bad rows)"
@@ -111,8 +147,13 @@ class EmbeddingLM(nn.Module):
         table = self.lm.get_input_embeddings()
         embeds = table(input_ids.masked_fill(mask, 0))
         proj_dtype = next(self.projector.parameters()).dtype
-        feats = self.projector(emb.to(proj_dtype))
+        feats = self.projector(emb.to(proj_dtype))  # whole batch: the projector stays in the graph
+        if has_image is not None:
+            feats = feats[has_image.to(feats.device)]  # masked_scatter fills placeholders in row order
         return embeds.masked_scatter(mask[..., None], feats.to(embeds.dtype))
+
+    #: Target tokens per chunk of the cross-entropy with labels; 0 = full (B, T, V) logits.
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
     def forward(
         self,
@@ -120,25 +161,43 @@ class EmbeddingLM(nn.Module):
         attention_mask: torch.Tensor,
         emb: torch.Tensor,
         labels: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
     ):
         """Run the LM. With ``labels`` return ``(loss_sum, n_targets)``: the fp32 *sum* of next-token
         cross-entropy over label positions != -100 and their count (int64 scalar tensor), so the caller
         can normalise by target tokens across an accumulation window and across ranks. Without labels,
         return the HF model output (logits (B, T, V)).
+
+        With labels and ``loss_chunk_tokens > 0`` the LM's decoder runs alone and the loss comes from
+        :func:`~anisogen.train.loss.chunked_causal_lm_loss_sum` (logits only for target positions,
+        ``loss_chunk_tokens`` rows at a time, never all at once); ``loss_chunk_tokens = 0``, or an LM
+        whose head cannot be split off (warned once), materialises the full (B, T, V) logits.
         """
-        inputs_embeds = self.embed(input_ids, emb)
+        inputs_embeds = self.embed(input_ids, emb, has_image)
+        if labels is not None and self.loss_chunk_tokens > 0:
+            try:
+                parts = lm_head_parts(self.lm)
+            except ChunkedLossUnsupported as e:
+                if not getattr(self, "_warned_chunked_loss", False):
+                    warnings.warn(f"chunked cross-entropy unavailable ({e}); computing full logits", stacklevel=2)
+                    self._warned_chunked_loss = True
+            else:
+                hidden = last_hidden_state(parts.decoder, inputs_embeds, attention_mask)
+                return chunked_causal_lm_loss_sum(hidden, parts.head, labels, chunk_tokens=self.loss_chunk_tokens,
+                                                  logit_transform=parts.transform)
         out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
         if labels is None:
             return out
         return causal_lm_loss_sum(out.logits, labels)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, emb: torch.Tensor, **gen_kwargs):
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, emb: torch.Tensor,
+                 has_image: torch.Tensor | None = None, **gen_kwargs):
         """Greedy (by default) generation conditioned on ``emb``; prompts must be LEFT-padded.
 
         Returns the (B, new_tokens) generated ids (prompt excluded).
         """
-        inputs_embeds = self.embed(input_ids, emb)
+        inputs_embeds = self.embed(input_ids, emb, has_image)
         gen_kwargs.setdefault("do_sample", False)
         return self.lm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **gen_kwargs)
 

@@ -86,19 +86,34 @@ QUESTIONS = {
 }
 
 
-def write_conversations(path, items: list[dict], *, ref: str = "index") -> None:
+def write_conversations(path, items: list[dict], *, ref: str = "index", text_only: int = 0) -> None:
     """Stage-2 JSONL: one question per item (cycling colour/shape/position), answer = the attribute.
 
     ``ref="index"`` refers to the embedding by row (pair with :func:`write_npy`), ``"key"`` by shard key.
+    ``text_only=n`` also writes ``n`` text-only conversations (no ``image`` field, no marker; ids
+    ``t0``, ``t1``...: "Repeat the word: w" -> "w"), spread evenly between the image ones.
     """
     kinds = list(QUESTIONS)
+    words = COLORS + SHAPES + POSITIONS
+    n, done = len(items), 0
+
+    def text_record(j: int) -> dict:
+        w = words[j % len(words)]
+        return {"id": f"t{j}", "conversations": [{"from": "human", "value": f"Repeat the word: {w}"},
+                                                 {"from": "gpt", "value": w}]}
+
     with open(path, "w", encoding="utf-8") as f:
         for i, it in enumerate(items):
+            while done < text_only and done * n <= i * text_only:
+                f.write(json.dumps(text_record(done)) + "\n")
+                done += 1
             kind = kinds[i % len(kinds)]
             rec = {"id": f"q{i}", "image": i if ref == "index" else it["key"],
                    "conversations": [{"from": "human", "value": "<image>\n" + QUESTIONS[kind]},
                                      {"from": "gpt", "value": it[kind]}]}
             f.write(json.dumps(rec) + "\n")
+        for j in range(done, text_only):
+            f.write(json.dumps(text_record(j)) + "\n")
 
 
 def write_npy(path, items: list[dict]) -> None:

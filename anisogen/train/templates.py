@@ -12,10 +12,26 @@ Labels are the token ids on target segments (assistant text and its end-of-turn 
 
 Templates (``TEMPLATES`` registry, ``get_template(name)``):
 
-``plain``      LLaVA stage 1: ``[BOS] <image>*k caption EOS``, loss on ``caption EOS``; user text is ignored.
+``plain``      LLaVA stage 1: ``PREFIX <image>*k caption EOS``, loss on ``caption EOS``; user text is ignored.
 ``vicuna_v1``  LLaVA v1: ``[BOS] SYSTEM USER: ... ASSISTANT: answer EOS USER: ...``.
 ``hf_chat``    The tokenizer's own ``chat_template``; segment texts are the differences between
                renderings of growing conversation prefixes.
+
+The image is never the first token. Position 0 of a causal LM is its attention sink: its hidden
+state is dominated by a few massive activations whatever the token is (SmolLM2-135M: norm ~10^4 at
+layer 15 against ~10^2 elsewhere, see docs/TRAINING.md), so a projector trained there learns against
+a state that mostly ignores its input. Every template therefore puts a fixed, non-empty *image prefix*
+before the first token of a sequence whose image would otherwise open it, and ``plain`` always starts
+with it. ``image_prefix`` (:func:`image_prefix_ids`) chooses the prefix:
+
+``auto``    (default) the BOS token when the tokenizer prepends it by itself (Llama: the LM was trained
+            with BOS as its sink), else the text ``DEFAULT_PREFIX_TEXT``. A BOS the tokenizer never adds
+            (SmolLM2's ``<|im_start|>``) is not enough: with it at position 0 the image token at
+            position 1 still has a 6x larger hidden state than elsewhere (docs/TRAINING.md);
+``bos``     the BOS token (an error when the tokenizer has none);
+``legacy``  BOS only when the tokenizer prepends it by itself (the layout of exports written before the
+            prefix existed; can leave the image at position 0);
+any other string: that literal text, tokenised without special tokens.
 """
 
 from __future__ import annotations
@@ -25,6 +41,9 @@ from typing import Callable, Sequence
 
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
+#: Text put before the image by ``image_prefix="auto"`` when the tokenizer has no BOS token.
+DEFAULT_PREFIX_TEXT = "Image:"
+PREFIX_MODES = ("auto", "bos", "legacy")
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -86,10 +105,12 @@ def caption_conversation(caption: str, prompt: str = "") -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": caption}]
 
 
-def _check_conversation(msgs: list[dict], *, for_generation: bool) -> None:
+def _check_conversation(msgs: list[dict], *, for_generation: bool, allow_text_only: bool = False) -> int:
+    """Validate roles/turns and the marker count; return the number of markers (0 only if ``allow_text_only``)."""
     n_img = sum(m["content"].count(IMAGE_MARKER) for m in msgs)
-    if n_img != 1:
-        raise TemplateError(f"a conversation must contain exactly one {IMAGE_MARKER} marker, found {n_img}")
+    if n_img > 1 or (n_img == 0 and not allow_text_only):
+        want = "at most" if allow_text_only else "exactly"
+        raise TemplateError(f"a conversation must contain {want} one {IMAGE_MARKER} marker, found {n_img}")
     for m in msgs:
         if m["role"] == "assistant" and IMAGE_MARKER in m["content"]:
             raise TemplateError(f"the {IMAGE_MARKER} marker must be in a user or system message, not an assistant one")
@@ -105,6 +126,7 @@ def _check_conversation(msgs: list[dict], *, for_generation: bool) -> None:
             raise TemplateError("a generation prompt must end with a user turn")
     elif not body or body[-1]["role"] != "assistant":
         raise TemplateError("a training conversation must end with an assistant turn")
+    return n_img
 
 
 def _bos_ids(tokenizer) -> tuple[int, ...]:
@@ -124,6 +146,25 @@ def _bos_ids(tokenizer) -> tuple[int, ...]:
     return out
 
 
+def image_prefix_ids(tokenizer, image_prefix: str = "auto") -> tuple[int, ...]:
+    """Token ids of the fixed prefix put before the image (see the module docstring)."""
+    if image_prefix == "legacy":
+        return _bos_ids(tokenizer)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if image_prefix == "auto" and _bos_ids(tokenizer):
+        return _bos_ids(tokenizer)
+    if image_prefix == "bos":
+        if bos is None:
+            raise TemplateError("image_prefix='bos' but the tokenizer has no BOS token; use 'auto' or a text")
+        return (int(bos),)
+    text = DEFAULT_PREFIX_TEXT if image_prefix == "auto" else image_prefix
+    if not text or not text.strip():
+        raise TemplateError("image_prefix must not be empty: the image would sit at the attention-sink position 0")
+    if IMAGE_MARKER in text:
+        raise TemplateError(f"image_prefix {text!r} must not contain the {IMAGE_MARKER} marker")
+    return tuple(int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def _eos_ids(tokenizer) -> tuple[int, ...]:
     if tokenizer.eos_token_id is None:
         raise TemplateError("the tokenizer has no EOS token; the model could never learn to stop")
@@ -134,6 +175,13 @@ class Template:
     """Base class: subclasses implement :meth:`segments`."""
 
     name: str = ""
+
+    def __init__(self, image_prefix: str = "auto"):
+        self.image_prefix = image_prefix
+
+    def prefix_ids(self, tokenizer) -> tuple[int, ...]:
+        """The fixed ids this template puts before a sequence that would open with the image."""
+        return image_prefix_ids(tokenizer, self.image_prefix)
 
     def segments(self, msgs: list[dict], tokenizer, *, for_generation: bool) -> list[Segment]:
         raise NotImplementedError
@@ -147,15 +195,18 @@ class Template:
         num_image_tokens: int,
         max_length: int | None = None,
         for_generation: bool = False,
+        allow_text_only: bool = False,
     ) -> Encoded:
         """Encode a conversation. ``for_generation`` builds the prompt up to the assistant's answer.
+        ``allow_text_only`` also accepts a conversation without ``<image>`` (no placeholders,
+        ``image_start == -1``); a template that places the image regardless (``plain``) refuses it.
 
         Over-long sequences are truncated *after* placeholder insertion by cutting the tail; a cut that
         would fall inside (or before the end of) the placeholder run, or leave no target token, raises
         :class:`TemplateError` so the caller can skip the sample.
         """
         msgs = normalize_conversation(conversation)
-        _check_conversation(msgs, for_generation=for_generation)
+        n_img = _check_conversation(msgs, for_generation=for_generation, allow_text_only=allow_text_only)
         ids: list[int] = []
         labels: list[int] = []
         image_start = -1
@@ -185,12 +236,17 @@ class Template:
                         )
                     ids.extend(piece)
                     labels.extend(piece if seg.target else [IGNORE_INDEX] * len(piece))
-        if image_start < 0:
+        if image_start < 0 and n_img:
             raise TemplateError(f"template {self.name!r} dropped the {IMAGE_MARKER} marker")
+        if image_start >= 0 and not n_img:
+            raise TemplateError(f"template {self.name!r} cannot encode a text-only conversation (it always places the image)")
+        if image_start == 0 and self.image_prefix != "legacy":
+            pre = list(self.prefix_ids(tokenizer))
+            ids, labels, image_start = pre + ids, [IGNORE_INDEX] * len(pre) + labels, len(pre)
         truncated = False
         if max_length is not None and len(ids) > max_length:
             image_end = image_start + num_image_tokens
-            if image_end > max_length:
+            if image_start >= 0 and image_end > max_length:
                 raise TemplateError(
                     f"sequence of {len(ids)} tokens exceeds max_length={max_length} and truncation would cut "
                     f"into the {num_image_tokens} image placeholder tokens (they end at {image_end})"
@@ -205,7 +261,7 @@ class Template:
 
 
 class PlainTemplate(Template):
-    """Stage-1 template: ``[BOS] <image>*k caption EOS``; only the caption and EOS are targets."""
+    """Stage-1 template: ``PREFIX <image>*k caption EOS``; only the caption and EOS are targets."""
 
     name = "plain"
 
@@ -213,7 +269,7 @@ class PlainTemplate(Template):
         body = [m for m in msgs if m["role"] != "system"]
         if len(body) > (1 if for_generation else 2):
             raise TemplateError("the plain template supports exactly one user turn and one assistant turn")
-        segs = [Segment(ids=_bos_ids(tokenizer)), Segment(text=IMAGE_MARKER)]
+        segs = [Segment(ids=self.prefix_ids(tokenizer)), Segment(text=IMAGE_MARKER)]
         if not for_generation:
             segs += [Segment(text=body[1]["content"], target=True), Segment(ids=_eos_ids(tokenizer), target=True)]
         return segs
@@ -224,7 +280,8 @@ class VicunaV1Template(Template):
 
     name = "vicuna_v1"
 
-    def __init__(self, system: str = VICUNA_SYSTEM):
+    def __init__(self, system: str = VICUNA_SYSTEM, image_prefix: str = "auto"):
+        super().__init__(image_prefix)
         self.system = system
 
     def segments(self, msgs, tokenizer, *, for_generation):
@@ -315,12 +372,11 @@ def register_template(name: str, factory: Callable[[], Template]) -> None:
     TEMPLATES[name] = factory
 
 
-def get_template(name: str) -> Template:
-    """Instantiate the template registered under ``name``."""
-    try:
-        return TEMPLATES[name]()
-    except KeyError:
-        raise ValueError(f"unknown template {name!r}; available: {sorted(TEMPLATES)}") from None
+def get_template(name: str, image_prefix: str = "auto") -> Template:
+    """Instantiate the template registered under ``name`` with the given image prefix."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; available: {sorted(TEMPLATES)}")
+    return TEMPLATES[name](image_prefix=image_prefix)
 
 
 def target_spans(labels: Sequence[int]) -> list[list[int]]:

@@ -1,12 +1,13 @@
-"""The training loop: accelerate DDP (CPU gloo, one or many GPUs, multi-node), resumable.
+"""The training loop: accelerate DDP, FSDP2 or DeepSpeed (one or many GPUs, multi-node, or CPU gloo), resumable.
 
 ``train(TrainConfig(...))`` runs stage 1 (shards of substitute embeddings + captions, ``plain``
-template) or stage 2 (JSONL conversations), with any registered method, and writes::
+template) or stage 2 (JSONL conversations, with or without an image), with any registered method,
+and writes::
 
     <output_dir>/train_config.json     the resolved config
-    <output_dir>/metrics.jsonl         one line per logged step / evaluation
+    <output_dir>/metrics.jsonl         one line per logged step / evaluation (also sent to --report-to trackers)
     <output_dir>/generations.jsonl     greedy generations on validation samples at each evaluation
-    <output_dir>/checkpoints/step-*/   resumable checkpoints (trainable tensors + optimizer + RNG)
+    <output_dir>/checkpoints/step-*/   resumable checkpoints (gathered trainable tensors + optimizer + RNG)
     <output_dir>/rejects/*.jsonl       skipped records with reasons
     <output_dir>/export/               the final export (load with anisogen.train.load_export)
     <output_dir>/run_summary.json      losses, counts, per-rank batch counts, timings
@@ -14,105 +15,42 @@ template) or stage 2 (JSONL conversations), with any registered method, and writ
 Design points (see docs/TRAINING.md): the data loader is never ``accelerator.prepare``-d (webdataset
 splits by rank itself); every rank consumes exactly ``grad_accum`` batches per step; the loss is the
 sum of token cross-entropies divided by the number of target tokens in the whole accumulation window
-across all ranks; only the model is wrapped by accelerate (DDP), the optimizer and scheduler stay
-plain torch objects (accelerate's scheduler wrapper would step ``num_processes`` times per call).
+across all ranks; the model and the optimizer are prepared together (:mod:`.distributed`); the
+scheduler stays a plain torch object on the unwrapped optimizer (accelerate's scheduler wrapper would
+step ``num_processes`` times per call) and is a pure function of the step, so a resumed or extended
+run recomputes it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
 import math
-import os
 import time
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, trainable_tensors
+from . import distributed
+from .checkpoint import gather_trainable, latest_checkpoint, load_checkpoint, load_trainable, prune_checkpoints, \
+    read_state, save_checkpoint, trainable_tensors
+from .config import REPORT_TO_HELP, TrainConfig  # noqa: F401  (re-exported: anisogen.train.trainer.TrainConfig)
 from .data import (
-    EmbeddingStore, EmbeddingTransform, ExampleBuilder, RejectLog, SampleError, StreamSpec, epoch_batches,
-    eval_batches, make_loader, make_seed, probe_embedding_shape, read_provenance, train_pipeline,
+    EmbeddingStore, EmbeddingTransform, ExampleBuilder, RejectLog, StreamSpec, epoch_batches, eval_batches,
+    image_rows, list_shards, make_loader, make_seed, probe_embedding_shape, read_provenance, train_pipeline,
 )
 from .export import write_export
-from .lm import load_lm
-from .methods import MethodContext, PostContext, get_method, get_postprocessor, parse_options
+from .lm import load_lm, materialize_lm
+from .methods import (
+    MethodContext, PostContext, check_postprocessors, get_method, get_postprocessor, optimizer_groups, parse_options,
+)
 from .model import EmbeddingLM
 from .projector import build_projector
 from .templates import get_template
-
-#: Config fields that do not change the training trajectory (may differ on resume).
-_NON_TRAJECTORY = {
-    "resume", "halt_at_step", "progress", "eval_every", "eval_max_batches", "log_generations", "max_new_tokens",
-    "log_every", "save_every", "keep_checkpoints", "tensorboard", "post", "val_shards", "val_jsonl",
-}
-
-
-@dataclass
-class TrainConfig:
-    """All trainer settings; ``pipelines/train.py --help`` documents each flag of the same name."""
-
-    output_dir: str
-    lm: str = "tiny"
-    # data
-    train_shards: list = field(default_factory=list)
-    val_shards: list = field(default_factory=list)
-    train_jsonl: str | None = None
-    val_jsonl: str | None = None
-    emb_npy: str | None = None
-    emb_shards: list = field(default_factory=list)
-    prompt: str = ""
-    template: str = "plain"
-    max_length: int = 256
-    l2_normalize: bool = True
-    noise_std: float = 0.0
-    on_error: str = "skip"
-    num_workers: int = 1
-    shuffle_buffer: int = 1000
-    # model / method
-    projector: str = "mlp2x_gelu"
-    init_from: str | None = None
-    method: str = "projector"
-    method_options: dict = field(default_factory=dict)
-    freeze_projector: bool = False
-    grad_checkpointing: bool = False
-    # optimisation
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int = 0
-    epochs: float = 1.0
-    lr: float = 1e-3
-    adapter_lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    mixed_precision: str = "auto"
-    deterministic: bool = False
-    # bookkeeping
-    eval_every: int = 0
-    eval_max_batches: int = 20
-    log_generations: int = 4
-    max_new_tokens: int = 32
-    log_every: int = 10
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume: bool = True
-    halt_at_step: int = 0
-    tensorboard: bool = False
-    post: list = field(default_factory=list)
-    progress: bool = True
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def fingerprint(self) -> str:
-        d = {k: v for k, v in self.to_dict().items() if k not in _NON_TRAJECTORY}
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+from .tracking import resolve_report_to, tracker_config
+from .validation import generations, to_device, validation_loss, write_generations
 
 
 class Trainer:
@@ -122,20 +60,29 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
 
-    # ------------------------------------------------------------------ setup
+    # ================================================================== the run, step by step
+    def run(self) -> dict:
+        self._setup_accelerator()
+        self._setup_data()
+        self.model, self.method_info = self._build_model(main=True)
+        self._setup_optimizer()
+        start_step = self._resume()
+        self._start_logging(start_step)
+        halted = self._train(start_step)
+        return self._finish(halted)
+
+    # ================================================================== setup
     def _log(self, msg: str) -> None:
         if self.acc.is_main_process:
             print(f"[anisogen.train] {msg}", flush=True)
 
-    def _setup_accelerator(self):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+    def _setup_accelerator(self) -> None:
+        import os
 
         cfg = self.cfg
-        cuda = torch.cuda.is_available()
         mp = cfg.mixed_precision
         if mp == "auto":
-            mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+            mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
         if mp not in ("no", "bf16"):
             raise ValueError(f"mixed_precision must be auto, no or bf16 (fp16 is unstable here), got {mp!r}")
         if cfg.deterministic:
@@ -143,18 +90,24 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         self.mp = mp
-        self.acc = Accelerator(
-            cpu=not cuda, mixed_precision=mp,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)],
-        )
+        self.trackers = resolve_report_to(cfg.report_to)
+        self.acc = distributed.make_accelerator(mixed_precision=mp, log_with=self.trackers, project_dir=str(self.out))
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.parallel = distributed.kind(self.acc)
+        if self.parallel == "deepspeed" and (cfg.save_every > 0 or cfg.halt_at_step > 0):
+            raise ValueError("checkpoints under DeepSpeed are not supported (DeepSpeed's own format is pickle-based); "
+                             "use FSDP (docs/accelerate/fsdp.yaml) for resumable sharded runs, or drop "
+                             "--save-every/--halt-at-step")
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.acc.wait_for_everyone()
 
-    def _setup_data(self):
+    def _setup_data(self) -> None:
         cfg = self.cfg
         self.rejects_dir = str(self.out / "rejects")
         load_log = RejectLog(cfg.on_error, self.rejects_dir if self.acc.is_main_process else None, tag="load")
         if cfg.train_jsonl:
-            store = EmbeddingStore(cfg.emb_npy, cfg.emb_shards and _shard_list(cfg.emb_shards), cfg.on_error)
+            store = EmbeddingStore(cfg.emb_npy, cfg.emb_shards and list_shards(cfg.emb_shards), cfg.on_error)
             self.train_spec = StreamSpec.from_jsonl(cfg.train_jsonl, store, load_log)
             self.val_spec = StreamSpec.from_jsonl(cfg.val_jsonl, store, load_log) if cfg.val_jsonl else None
             self.emb_shape = store.shape
@@ -166,11 +119,18 @@ class Trainer:
             prov_src = self.train_spec.shards[0]
         else:
             raise ValueError("no training data: give --train-shards (stage 1) or --train-jsonl (stage 2)")
+        if self.train_spec.extra.get("text_only") and cfg.template == "plain":
+            raise ValueError(f"{cfg.train_jsonl}: {self.train_spec.extra['text_only']} text-only conversations "
+                             f"cannot use --template plain (captions need an image); use vicuna_v1 or hf_chat")
         self.load_rejects = load_log.total
         self.provenance = read_provenance(prov_src) if prov_src else {"clip_fingerprint": None, "aligner": None}
         self.transform = EmbeddingTransform(cfg.l2_normalize, cfg.noise_std)
+        nb, per_worker = epoch_batches(self.train_spec.num_samples, cfg.batch_size, self.world, cfg.num_workers)
+        self.batches_per_epoch, self.worker_batches = nb, per_worker
+        self.max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * nb / cfg.grad_accum))
+        self.resume_from = latest_checkpoint(self.out / "checkpoints") if cfg.resume else None
 
-    def _init_projector(self, projector):
+    def _init_projector(self, projector) -> None:
         """Load stage-1 weights from an export dir or a projector.safetensors (``--init-from``)."""
         from safetensors.torch import load_file
 
@@ -190,83 +150,205 @@ class Trainer:
             for k in ("clip_fingerprint", "aligner"):
                 if self.provenance.get(k) is None:
                     self.provenance[k] = ecfg.get("provenance", {}).get(k)
-        sd = load_file(str(file))
         try:
-            projector.load_state_dict(sd)
+            projector.load_state_dict(load_file(str(file)))
         except RuntimeError as exc:
             raise ValueError(f"--init-from {file}: projector weights do not fit ({exc})") from None
 
-    def _setup_model(self):
+    def _build_model(self, *, main: bool):
+        """LM + projector + the method's modules. ``main=False`` builds a CPU replica on this process
+        only (used to write exports of a sharded run), skipping expensive initialisation."""
         cfg = self.cfg
-        self.method = get_method(cfg.method)
-        self.method_options = parse_options(self.method, cfg.method_options)
-        lm_dtype = torch.bfloat16 if (self.mp == "bf16" and not self.method.trains_lm_weights) else torch.float32
+        method = get_method(cfg.method)
+        options = parse_options(method, cfg.method_options)
+        lm_dtype = torch.bfloat16 if (self.mp == "bf16" and not method.trains_lm_weights) else torch.float32
         torch.manual_seed(cfg.seed)
-        lm, tok, lm_info = load_lm(cfg.lm, dtype=lm_dtype, seed=cfg.seed)
-        image_id = tok.convert_tokens_to_ids("<image>")
-        self.tokenizer, self.lm_info = tok, lm_info
-        self._setup_data()
+        weights = "meta" if main and self._meta_lm(method) else "all"
+        lm, tok, lm_info = load_lm(cfg.lm, dtype=lm_dtype, seed=cfg.seed, weights=weights)
+        if weights == "meta" and self.parallel == "ddp":
+            materialize_lm(lm, self.acc.device)  # storage only: DDP's constructor broadcasts rank 0's weights
         n_vec, d_in = self.emb_shape
-        hidden = lm.get_input_embeddings().weight.shape[1]
         torch.manual_seed(cfg.seed)
-        projector = build_projector(cfg.projector, d_in, hidden)
+        projector = build_projector(cfg.projector, d_in, lm.get_input_embeddings().weight.shape[1])
         if cfg.init_from:
             self._init_projector(projector)
-        model = EmbeddingLM(lm, projector, image_id, n_vec)
+        model = EmbeddingLM(lm, projector, tok.convert_tokens_to_ids("<image>"), n_vec)
+        model.loss_chunk_tokens = cfg.loss_chunk_tokens
         model.freeze_lm()
+        if main:
+            self._setup_text(model, tok, lm, lm_info, method)
+        device = self.acc.device if main else torch.device("cpu")
+        # a meta LM under FSDP stays on meta: accelerate shards it and loads rank 0's weights
+        place = (lambda m: m) if weights == "meta" and self.parallel == "fsdp" else (lambda m: m.to(device))
+        model = place(model)
+        ctx = MethodContext(
+            model=model, tokenizer=tok, config=cfg, options=options, device=device, is_main=self.acc.is_main_process,
+            resuming=(self.resume_from is not None) or not main, calibration=self._calibration, log=self._log,
+            prefix_ids=self.template.prefix_ids(tok), stage=cfg.stage,
+        )
+        setup = method.prepare(ctx)
+        model = place(ctx.model)
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+        if main:
+            self.method, self.setup = method, setup
+        return model, {"options": options, **setup.info}
+
+    def _meta_lm(self, method) -> bool:
+        """Off the main process under DDP, build the LM on the meta device: DDP's constructor broadcasts
+        rank 0's weights anyway. Methods whose ``prepare`` runs the LM (Gap-Init calibration) need real
+        weights everywhere. Under FSDP every rank still loads the LM (a meta LM there desynchronised
+        the first all-gather on CPU/gloo; not resolved yet, see docs/TRAINING.md)."""
+        return (not self.acc.is_main_process) and not method.reads_lm_at_setup and self.parallel == "ddp"
+
+    def _setup_text(self, model, tok, lm, lm_info, method) -> None:
+        """Tokenizer, template, example builder; the base LM copy shipped with exports of the tiny LM."""
+        cfg = self.cfg
+        self.tokenizer, self.lm_info = tok, lm_info
+        self.template = get_template(cfg.template, image_prefix=cfg.image_prefix)
+        self.builder = ExampleBuilder(tok, self.template, self.transform, model.image_token_id,
+                                      model.num_visual_tokens, self.emb_shape[1], self.emb_shape[0], cfg.max_length)
         self.base_lm_dir = None
-        if lm_info.get("saved_in_export") and not self.method.trains_lm_weights:
+        if lm_info.get("saved_in_export") and not method.trains_lm_weights:
             self.base_lm_dir = self.out / "base_lm"
             if self.acc.is_main_process and not (self.base_lm_dir / "config.json").is_file():
                 lm.save_pretrained(str(self.base_lm_dir), safe_serialization=True)
         if cfg.grad_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = model.to(self.acc.device)
-        self.template = get_template(cfg.template)
-        self.builder = ExampleBuilder(
-            tok, self.template, self.transform, image_id, model.num_visual_tokens, d_in, n_vec, cfg.max_length)
-        self.resume_from = latest_checkpoint(self.out / "checkpoints") if cfg.resume else None
-        ctx = MethodContext(
-            model=self.model, tokenizer=tok, config=cfg, options=self.method_options, device=self.acc.device,
-            is_main=self.acc.is_main_process, resuming=self.resume_from is not None,
-            calibration=self._calibration, log=self._log,
-        )
-        setup = self.method.prepare(ctx)
-        self.model = ctx.model.to(self.acc.device)
-        self.method_info = {"options": self.method_options, **setup.info}
-        for p in self.model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
-        groups, seen = [], set()
-        for g in setup.groups:
-            params = [p for p in g.params if p.requires_grad]
-            if not params:
-                continue
-            if any(id(p) in seen for p in params):
-                raise ValueError(f"method {cfg.method!r}: parameter group {g.name!r} repeats parameters")
-            seen.update(id(p) for p in params)
-            lr = g.lr if g.lr is not None else (cfg.lr if g.role == "projector" else cfg.adapter_lr)
-            wd = g.weight_decay if g.weight_decay is not None else cfg.weight_decay
-            groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": g.name})
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError(f"method {cfg.method!r} left no trainable parameter")
-        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in seen]
-        if missing:
-            raise ValueError(f"method {cfg.method!r}: trainable parameters outside every group: {missing[:5]}")
-        self.param_groups = groups
-        self.initial_trainable = trainable_tensors(self.model)
-        n_tr = sum(p.numel() for p in trainable)
-        n_all = sum(p.numel() for p in self.model.parameters())
-        self._log(f"method={cfg.method} trainable={n_tr} of {n_all} parameters; groups="
-                  f"{[(g['name'], g['lr']) for g in groups]}; lm dtype={lm_dtype}; mixed_precision={self.mp}")
 
     def _calibration(self, n: int) -> list[dict]:
-        bs = self.cfg.batch_size
-        return list(eval_batches(self.train_spec, self.builder, batch_size=bs, on_error="skip",
-                                 max_batches=max(1, math.ceil(n / bs))))
+        """Up to ``n`` training examples that carry an image, as collated batches (for methods' init)."""
+        out, seen = [], 0
+        for b in eval_batches(self.train_spec, self.builder, batch_size=self.cfg.batch_size, on_error="skip"):
+            b = image_rows(b)
+            if b is None:
+                continue
+            out.append(b)
+            seen += len(b["keys"])
+            if seen >= n:
+                break
+        return out
 
-    # ------------------------------------------------------------------ data stream
+    def _setup_optimizer(self) -> None:
+        from transformers import get_cosine_schedule_with_warmup
+
+        cfg = self.cfg
+        groups, self.group_info = optimizer_groups(self.model, self.setup, self.method, cfg, stage=cfg.stage)
+        self.method_info["optimizer"] = self.group_info
+        check_postprocessors(cfg, [n for n, p in self.model.named_parameters() if p.requires_grad])
+        self.initial_trainable = trainable_tensors(self.model) if self.acc.is_main_process else {}
+        n_tr = sum(p.numel() for g in groups for p in g["params"])
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+        self.ddp, self.optimizer = distributed.prepare(self.acc, self.model, optimizer, batch_size=cfg.batch_size,
+                                                       grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm)
+        self.warmup = int(round(cfg.warmup_ratio * self.max_steps))
+        self.scheduler = get_cosine_schedule_with_warmup(distributed.base_optimizer(self.optimizer), self.warmup,
+                                                         self.max_steps)
+        self._log(f"method={cfg.method} stage={cfg.stage} trainable={n_tr} parameters; groups="
+                  f"{[(g['name'], g['lr'], g['weight_decay']) for g in groups]}; parallelism={self.parallel} "
+                  f"world={self.world}; mixed_precision={self.mp}")
+
+    # ================================================================== resume
+    def _resume(self) -> int:
+        """Restore the newest checkpoint; returns the step to continue from (0 for a fresh run)."""
+        cfg = self.cfg
+        self.consumed_offset = 0
+        if self.resume_from is None:
+            return 0
+        state = read_state(self.resume_from)
+        if state.get("config_fingerprint") != cfg.fingerprint():
+            raise ValueError(f"{self.resume_from}: the checkpoint was written under a different config "
+                             f"(changed: {cfg.changed_fields(state.get('config', {}))}); use a new --output-dir "
+                             f"or --no-resume")
+        self._check_global_batch(state)
+        state = load_checkpoint(self.resume_from, model=self.ddp, optimizer=distributed.base_optimizer(self.optimizer),
+                                rank=self.rank)
+        step = int(state["step"])
+        self._fast_forward_schedule(step)
+        self.consumed_offset = self._data_position(state, step)
+        old_max = state.get("max_steps")
+        extended = f", extended from {old_max} to {self.max_steps} steps" if old_max not in (None, self.max_steps) else ""
+        self._log(f"resumed from {self.resume_from} at step {step}{extended}")
+        return step
+
+    def _check_global_batch(self, state: dict) -> None:
+        d = state["data"]
+        old = d["batch_size"] * d["grad_accum"] * d["world_size"]
+        new = self.cfg.batch_size * self.cfg.grad_accum * self.world
+        if old == new:
+            return
+        per_step = self.cfg.batch_size * self.world
+        hint = (f"--grad-accum {old // per_step}" if old % per_step == 0
+                else f"a --batch-size and --grad-accum with batch x accum x {self.world} processes = {old}")
+        raise ValueError(
+            f"{self.resume_from}: the checkpoint was trained with a global batch of {old} samples per step "
+            f"({d['world_size']} processes x batch {d['batch_size']} x accum {d['grad_accum']}); this launch gives "
+            f"{new} ({self.world} x {self.cfg.batch_size} x {self.cfg.grad_accum}). Keep the global batch: use {hint}")
+
+    def _data_position(self, state: dict, step: int) -> int:
+        """Offset between the batches this rank has consumed and ``step x grad_accum``: 0 normally;
+        after a change of world size or micro-batch the position is re-derived from the samples
+        consumed so far (the stream is resampled, so the continuation is statistically the same)."""
+        d = state["data"]
+        consumed = d["consumed_batches_per_rank"]
+        if (d["world_size"], d["batch_size"], d["batches_per_epoch"]) != (self.world, self.cfg.batch_size,
+                                                                         self.batches_per_epoch):
+            samples = consumed * d["batch_size"] * d["world_size"]
+            consumed = samples // (self.cfg.batch_size * self.world)
+            self._log(f"data position re-derived for {self.world} processes x batch {self.cfg.batch_size}: "
+                      f"{samples} samples consumed -> {consumed} batches per rank")
+        return consumed - step * self.cfg.grad_accum
+
+    def _fast_forward_schedule(self, step: int) -> None:
+        """Set the learning rates to the schedule's value after ``step`` steps (the schedule is a pure
+        function of the step and the run length, so an extended run gets the new length's curve)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.scheduler.last_epoch = step - 1
+            self.scheduler.step()
+
+    # ================================================================== the loop
+    def _start_logging(self, start_step: int) -> None:
+        cfg = self.cfg
+        if self.acc.is_main_process:
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        if self.trackers:
+            self.acc.init_trackers(self.out.name or "anisogen", config=tracker_config(cfg.to_dict()))
+        self._log(f"{self.train_spec.num_samples} training samples, {self.batches_per_epoch} batches/rank/epoch, "
+                  f"steps {start_step}->{self.max_steps} (warmup {self.warmup}), load-time rejects {self.load_rejects}, "
+                  f"trackers {self.trackers or 'none'}")
+        self.summary = {"is_main": self.acc.is_main_process, "start_step": start_step, "max_steps": self.max_steps,
+                        "batches_per_epoch": self.batches_per_epoch, "world_size": self.world,
+                        "parallelism": self.parallel, "losses": [], "evals": []}
+        self.totals = {"rejected": 0, "truncated": 0, "tokens": 0, "data_wait_s": 0.0, "step_s": 0.0}
+        self.n_batches = 0
+        self.bar = None
+        if cfg.progress and self.acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def _train(self, start_step: int) -> bool:
+        """Steps ``start_step+1 .. max_steps``; returns True when halted early (``--halt-at-step``)."""
+        cfg = self.cfg
+        stream = self._stream(start_step * cfg.grad_accum + self.consumed_offset)
+        self.ddp.train()
+        self.final_step = start_step
+        for step in range(start_step + 1, self.max_steps + 1):
+            rec = self._train_step(step, stream)
+            self._record(step, rec)
+            self.final_step = step
+            if self.val_spec is not None and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == self.max_steps):
+                self._evaluate(step)
+            halt = 0 < cfg.halt_at_step == step < self.max_steps
+            if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == self.max_steps or halt:
+                self._save(step)
+            if halt:
+                self._log(f"halted at step {step} (checkpoint saved); rerun the same command to resume")
+                return True
+        return False
+
     def _stream(self, consumed: int) -> Iterator[dict]:
         cfg = self.cfg
         epoch, skip = divmod(consumed, self.batches_per_epoch)
@@ -286,91 +368,177 @@ class Trainer:
             skip = 0
             epoch += 1
 
-    def _to_device(self, b: dict) -> dict:
-        dev = self.acc.device
-        return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+    def _next_window(self, stream) -> tuple[list[dict], float]:
+        micro, wait = [], 0.0
+        for _ in range(self.cfg.grad_accum):
+            tw = time.perf_counter()
+            micro.append(next(stream))
+            wait += time.perf_counter() - tw
+        self.n_batches += len(micro)
+        return micro, wait
 
-    # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def evaluate(self, step: int) -> dict:
+    def _window_stats(self, step: int, micro: list[dict]) -> torch.Tensor:
+        """(target tokens, rejected, truncated, input tokens) summed over the window and all ranks."""
+        n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        stats = torch.tensor([n_local, sum(b["n_rejected"] for b in micro), sum(b["n_truncated"] for b in micro),
+                              sum(int(b["attention_mask"].sum()) for b in micro)],
+                             dtype=torch.float64, device=self.acc.device)
+        stats = self.acc.reduce(stats, reduction="sum")
+        if float(stats[0]) == 0:
+            raise RuntimeError(f"step {step}: no target tokens in the accumulation window")
+        return stats
+
+    def _train_step(self, step: int, stream) -> dict:
+        t0 = time.perf_counter()
+        micro, wait = self._next_window(stream)
+        stats = self._window_stats(step, micro)
+        n_total = float(stats[0])
+        loss_local = torch.zeros((), dtype=torch.float64, device=self.acc.device)
+        for i, b in enumerate(micro):
+            b = to_device(b, self.acc.device)
+            last = i == len(micro) - 1
+            self.acc.gradient_state._set_sync_gradients(last)  # DeepSpeed steps its engine on the last one
+            with contextlib.nullcontext() if last else self.acc.no_sync(self.ddp):
+                with self.acc.autocast():
+                    ls, _ = self.ddp(b["input_ids"], b["attention_mask"], b["emb"], b["labels"],
+                                     has_image=b["has_image"])
+                self.acc.backward(ls * (self.world / n_total))
+            loss_local += ls.detach().double()
+        grad_norm = self._optimizer_step()
+        loss = float(self.acc.reduce(loss_local, reduction="sum")) / n_total
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step}: non-finite loss {loss}")
+        dt = time.perf_counter() - t0
+        return {"type": "train", "step": step, "loss": loss,
+                "lr": [g["lr"] for g in distributed.base_optimizer(self.optimizer).param_groups],
+                "grad_norm": grad_norm, "tokens": int(n_total), "input_tokens": int(stats[3]),
+                "tokens_per_s": n_total / dt, "input_tokens_per_s": float(stats[3]) / dt, "data_wait_s": wait,
+                "step_s": dt, "rejected": int(stats[1]), "truncated": int(stats[2]),
+                "data_epoch": int(micro[-1]["data_epoch"])}
+
+    def _optimizer_step(self) -> float | None:
+        cfg = self.cfg
+        grad_norm = None
+        if cfg.max_grad_norm > 0 and self.parallel != "deepspeed":
+            trainable = [p for p in self.ddp.parameters() if p.requires_grad]
+            grad_norm = float(self.acc.clip_grad_norm_(trainable, cfg.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _record(self, step: int, rec: dict) -> None:
+        cfg, t = self.cfg, self.totals
+        t["rejected"] += rec["rejected"]
+        t["truncated"] += rec["truncated"]
+        t["tokens"] += rec["tokens"]
+        t["data_wait_s"] += rec["data_wait_s"]
+        t["step_s"] += rec["step_s"]
+        self.summary["losses"].append(rec["loss"])
+        if step % max(1, cfg.log_every) == 0 or step == self.max_steps or step == self.summary["start_step"] + 1:
+            self._write_metrics(rec)
+            if self.trackers:
+                self.acc.log({"train/loss": rec["loss"], "train/tokens_per_s": rec["tokens_per_s"],
+                              **{f"train/lr_{i}": lr for i, lr in enumerate(rec["lr"])}}, step=step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+
+    def _write_metrics(self, rec: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    # ================================================================== evaluation
+    def _evaluate(self, step: int) -> dict:
+        """Collective: validation loss over all ranks, then generations (written by the main process)."""
         cfg = self.cfg
         model = self.acc.unwrap_model(self.ddp)
         model.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
-        count = torch.zeros((), dtype=torch.float64, device=self.acc.device)
-        for b in eval_batches(self.val_spec, self.builder, batch_size=cfg.batch_size, rank=self.rank,
-                              world_size=self.world, on_error="skip", rejects_dir=None,
-                              max_batches=cfg.eval_max_batches or None):
-            b = self._to_device(b)
-            with self.acc.autocast():
-                ls, n = model(b["input_ids"], b["attention_mask"], b["emb"], b["labels"])
-            loss_sum += ls.double()
-            count += n.double()
-        tot = self.acc.reduce(torch.stack([loss_sum, count]), reduction="sum")
-        val_loss = float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
-        rec = {"type": "eval", "step": step, "val_loss": val_loss, "val_tokens": int(tot[1])}
-        if self.acc.is_main_process and cfg.log_generations > 0:
-            gens = self._generations(model, step)
-            with open(self.out / "generations.jsonl", "a", encoding="utf-8") as f:
-                for g in gens:
-                    f.write(json.dumps(g) + "\n")
-            rec["generations"] = gens
-        self.acc.wait_for_everyone()
+        val_loss, tokens = validation_loss(model, self.acc, self.val_spec, self.builder, batch_size=cfg.batch_size,
+                                           max_batches=cfg.eval_max_batches or None)
+        rec = {"type": "eval", "step": step, "val_loss": val_loss, "val_tokens": tokens}
+        if cfg.log_generations > 0:
+            gens = generations(model, self.acc, self.val_spec, self.builder, self.template, self.tokenizer,
+                               step=step, n=cfg.log_generations, max_new_tokens=cfg.max_new_tokens)
+            if self.acc.is_main_process:
+                write_generations(self.out / "generations.jsonl", gens)
         model.train()
+        self.acc.wait_for_everyone()
+        self.summary["evals"].append(rec)
+        self._write_metrics(rec)
+        if self.trackers:
+            self.acc.log({"val/loss": val_loss}, step=step)
+        self._log(f"step {step}: val_loss={val_loss:.4f}")
         return rec
 
-    def _generations(self, model, step: int) -> list[dict]:
-        from .data import Collator
-
+    # ================================================================== checkpoints
+    def _save(self, step: int) -> None:
+        if self.parallel == "deepspeed":
+            return
         cfg = self.cfg
-        batch = next(iter(eval_batches(self.val_spec, self.builder, batch_size=cfg.log_generations,
-                                       on_error="skip", max_batches=1)), None)
-        if batch is None:
-            return []
-        recs = self._val_conversations(batch["keys"])
-        exs = []
-        for conv in recs:
-            prefix = conv[:-1] if conv and conv[-1]["role"] == "assistant" else conv
-            enc = self.template.encode(prefix, self.tokenizer, image_token_id=model.image_token_id,
-                                       num_image_tokens=model.num_visual_tokens, for_generation=True)
-            exs.append({"key": "", "input_ids": enc.input_ids, "labels": enc.labels, "truncated": False,
-                        "reference": ""})
-        pb = Collator(self.tokenizer.pad_token_id, padding_side="left")(exs)
-        with self.acc.autocast():
-            ids = model.generate(pb["input_ids"].to(self.acc.device), pb["attention_mask"].to(self.acc.device),
-                                 batch["emb"].to(self.acc.device), max_new_tokens=cfg.max_new_tokens,
-                                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return [{"step": step, "key": k, "reference": r, "generated": t.strip()}
-                for k, r, t in zip(batch["keys"], batch["references"], texts)]
+        state = {
+            "config_fingerprint": cfg.fingerprint(), "config": cfg.to_dict(), "max_steps": self.max_steps,
+            "parallelism": self.parallel,
+            "data": {"consumed_batches_per_rank": step * cfg.grad_accum + self.consumed_offset,
+                     "batches_per_epoch": self.batches_per_epoch, "world_size": self.world,
+                     "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum},
+        }
+        save_checkpoint(self.out / "checkpoints", step, model=self.ddp,
+                        optimizer=distributed.base_optimizer(self.optimizer), state=state, rank=self.rank,
+                        is_main=self.acc.is_main_process, barrier=self.acc.wait_for_everyone)
+        if self.acc.is_main_process:
+            prune_checkpoints(self.out / "checkpoints", cfg.keep_checkpoints)
 
-    def _val_conversations(self, keys: list[str]) -> list[list[dict]]:
-        from .data import sample_to_record, shard_samples
+    # ================================================================== export and summary
+    def _finish(self, halted: bool) -> dict:
+        if self.bar is not None:
+            self.bar.close()
+        counts = self.acc.gather(torch.tensor([self.n_batches], device=self.acc.device)).tolist()
+        t = self.totals
+        self.summary.update({
+            "final_step": self.final_step, "halted": halted, "batches_per_rank": counts, **t,
+            "stall_fraction": t["data_wait_s"] / t["step_s"] if t["step_s"] > 0 else 0.0,
+            "load_rejects": self.load_rejects,
+        })
+        if not halted:
+            export_dir = self.out / "export"
+            model = self._export_model()
+            if self.acc.is_main_process:
+                self.write_export(export_dir, model=model)
+                self.summary["export_dir"] = str(export_dir)
+                self.summary["post"] = self._post(export_dir, model)
+            self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            (self.out / "run_summary.json").write_text(json.dumps(self.summary, indent=1))
+        self.acc.wait_for_everyone()
+        for tracker in self.acc.trackers:  # not end_training(): that also destroys the process group
+            tracker.finish()
+        return self.summary
 
-        spec = self.val_spec
-        want = set(keys)
-        found: dict[str, list] = {}
-        if spec.records is not None:
-            for r in spec.records:
-                if r["key"] in want:
-                    found[r["key"]] = r["conversation"]
+    def _export_model(self):
+        """Collective. The model whose tensors the export holds: the unwrapped model, or -- when the
+        run is sharded -- a CPU replica on the main process loaded with the gathered trainable tensors."""
+        if not distributed.is_sharded(self.acc):
+            return self.acc.unwrap_model(self.ddp)
+        if self.parallel == "deepspeed":
+            full = self.acc.get_state_dict(self.ddp)
+            names = {n for n, p in self.acc.unwrap_model(self.ddp).named_parameters() if p.requires_grad}
+            full = {n: t.float() for n, t in (full or {}).items() if n in names}
         else:
-            for s in shard_samples(({"url": u} for u in spec.shards), RejectLog("skip")):
-                if s["__key__"] in want and s["__key__"] not in found:
-                    try:
-                        found[s["__key__"]] = sample_to_record(s, prompt=spec.prompt)["conversation"]
-                    except SampleError:
-                        continue
-                if len(found) == len(want):
-                    break
-        return [found[k] for k in keys]
+            full = gather_trainable(self.ddp)
+        if not self.acc.is_main_process:
+            return None
+        replica, _ = self._build_model(main=False)
+        load_trainable(replica, full)
+        return replica
 
-    # ------------------------------------------------------------------ export
     def _export_config(self) -> dict:
         cfg = self.cfg
         return {
             "lm": self.lm_info,
             "template": cfg.template,
+            "image_prefix": cfg.image_prefix,
             "default_prompt": cfg.prompt,
             "max_length": cfg.max_length,
             "normalization": self.transform.describe(),
@@ -380,200 +548,24 @@ class Trainer:
             "train_config_fingerprint": cfg.fingerprint(),
         }
 
-    def write_export(self, out_dir: Path, projector_state=None) -> Path:
+    def write_export(self, out_dir: Path, projector_state=None, *, model=None) -> Path:
         return write_export(
-            out_dir, model=self.acc.unwrap_model(self.ddp), tokenizer=self.tokenizer, config=self._export_config(),
-            method=self.method, method_info=self.method_info, base_lm_dir=self.base_lm_dir,
-            projector_state=projector_state,
+            out_dir, model=model if model is not None else self._export_target, tokenizer=self.tokenizer,
+            config=self._export_config(), method=self.method, method_info=self.method_info,
+            base_lm_dir=self.base_lm_dir, projector_state=projector_state,
         )
 
-    # ------------------------------------------------------------------ main loop
-    def run(self) -> dict:
-        cfg = self.cfg
-        self._setup_accelerator()
-        if self.acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-        self.acc.wait_for_everyone()
-        self._setup_model()
-        nb, per_worker = epoch_batches(self.train_spec.num_samples, cfg.batch_size, self.world, cfg.num_workers)
-        self.batches_per_epoch, self.worker_batches = nb, per_worker
-        max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * nb / cfg.grad_accum))
-        warmup = int(round(cfg.warmup_ratio * max_steps))
-        from transformers import get_cosine_schedule_with_warmup
-
-        optimizer = torch.optim.AdamW(self.param_groups, betas=(0.9, 0.999), eps=1e-8)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max_steps)
-        self.ddp = self.acc.prepare_model(self.model)
-        start_step = 0
-        if self.resume_from is not None:
-            state = json.loads((self.resume_from / "state.json").read_text())
-            if state.get("config_fingerprint") != cfg.fingerprint():
-                old = state.get("config", {})
-                diff = sorted(k for k in cfg.to_dict() if k not in _NON_TRAJECTORY and old.get(k) != cfg.to_dict()[k])
-                raise ValueError(f"{self.resume_from}: the checkpoint was written under a different config "
-                                 f"(changed: {diff}); use a new --output-dir or --no-resume")
-            state = load_checkpoint(self.resume_from, model=self.acc.unwrap_model(self.ddp), optimizer=optimizer,
-                                    scheduler=scheduler, rank=self.rank)
-            start_step = int(state["step"])
-            if state["data"]["batches_per_epoch"] != nb:
-                raise ValueError(f"{self.resume_from}: the data changed size since the checkpoint "
-                                 f"({state['data']['batches_per_epoch']} -> {nb} batches per epoch)")
-            self._log(f"resumed from {self.resume_from} at step {start_step}")
-        if self.acc.is_main_process:
-            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
-        self._log(f"{self.train_spec.num_samples} training samples, {nb} batches/rank/epoch, world={self.world}, "
-                  f"steps {start_step}->{max_steps} (warmup {warmup}), load-time rejects {self.load_rejects}")
-        tb = self._tensorboard()
-        trainable = [p for p in self.ddp.parameters() if p.requires_grad]
-        stream = self._stream(start_step * cfg.grad_accum)
-        summary = {"is_main": self.acc.is_main_process, "start_step": start_step, "max_steps": max_steps, "batches_per_epoch": nb,
-                   "world_size": self.world, "losses": [], "evals": []}
-        n_batches = 0
-        totals = {"rejected": 0, "truncated": 0, "tokens": 0, "data_wait_s": 0.0, "step_s": 0.0}
-        bar = None
-        if cfg.progress and self.acc.is_main_process:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True)
-        self.ddp.train()
-        step = start_step
-        halted = False
-        metrics_path = self.out / "metrics.jsonl"
-        for step in range(start_step + 1, max_steps + 1):
-            t0 = time.perf_counter()
-            micro, wait = [], 0.0
-            for _ in range(cfg.grad_accum):
-                tw = time.perf_counter()
-                b = next(stream)
-                wait += time.perf_counter() - tw
-                micro.append(b)
-            n_batches += len(micro)
-            n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            n_input = sum(int(b["attention_mask"].sum()) for b in micro)
-            stats = torch.tensor([n_local, sum(b["n_rejected"] for b in micro), sum(b["n_truncated"] for b in micro),
-                                  n_input],
-                                 dtype=torch.float64, device=self.acc.device)
-            stats = self.acc.reduce(stats, reduction="sum")
-            n_total = float(stats[0])
-            if n_total == 0:
-                raise RuntimeError(f"step {step}: no target tokens in the accumulation window")
-            loss_local = torch.zeros((), dtype=torch.float64, device=self.acc.device)
-            for i, b in enumerate(micro):
-                b = self._to_device(b)
-                sync = contextlib.nullcontext() if i == len(micro) - 1 else self.acc.no_sync(self.ddp)
-                with sync:
-                    with self.acc.autocast():
-                        ls, _ = self.ddp(b["input_ids"], b["attention_mask"], b["emb"], b["labels"])
-                    self.acc.backward(ls * (self.world / n_total))
-                loss_local += ls.detach().double()
-            grad_norm = self.acc.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = float(self.acc.reduce(loss_local, reduction="sum")) / n_total
-            dt = time.perf_counter() - t0
-            totals["rejected"] += int(stats[1])
-            totals["truncated"] += int(stats[2])
-            totals["tokens"] += int(n_total)
-            totals["data_wait_s"] += wait
-            totals["step_s"] += dt
-            summary["losses"].append(loss)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"step {step}: non-finite loss {loss}")
-            rec = {"type": "train", "step": step, "loss": loss, "lr": [g["lr"] for g in optimizer.param_groups],
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens": int(n_total),
-                   "input_tokens": int(stats[3]), "tokens_per_s": n_total / dt, "input_tokens_per_s": float(stats[3]) / dt, "data_wait_s": wait, "step_s": dt, "rejected": int(stats[1]),
-                   "truncated": int(stats[2]), "data_epoch": int(micro[-1]["data_epoch"])}
-            if self.acc.is_main_process:
-                if step % max(1, cfg.log_every) == 0 or step == max_steps or step == start_step + 1:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    if tb is not None:
-                        tb.add_scalar("train/loss", loss, step)
-                        tb.add_scalar("train/tokens_per_s", rec["tokens_per_s"], step)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if self.val_spec is not None and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == max_steps):
-                ev = self.evaluate(step)
-                summary["evals"].append({k: v for k, v in ev.items() if k != "generations"})
-                if self.acc.is_main_process:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps({k: v for k, v in ev.items() if k != "generations"}) + "\n")
-                    if tb is not None:
-                        tb.add_scalar("val/loss", ev["val_loss"], step)
-                    self._log(f"step {step}: val_loss={ev['val_loss']:.4f}")
-            halt = cfg.halt_at_step > 0 and step == cfg.halt_at_step and step < max_steps
-            if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == max_steps or halt:
-                self._save(step, optimizer, scheduler)
-            if halt:
-                halted = True
-                self._log(f"halted at step {step} (checkpoint saved); rerun the same command to resume")
-                break
-        if bar is not None:
-            bar.close()
-        counts = self.acc.gather(torch.tensor([n_batches], device=self.acc.device)).tolist()
-        summary.update({
-            "final_step": step if max_steps > start_step else start_step, "halted": halted,
-            "batches_per_rank": counts, **totals,
-            "stall_fraction": totals["data_wait_s"] / totals["step_s"] if totals["step_s"] > 0 else 0.0,
-            "load_rejects": self.load_rejects,
-        })
-        if not halted:
-            export_dir = self.out / "export"
-            if self.acc.is_main_process:
-                self.write_export(export_dir)
-                summary["export_dir"] = str(export_dir)
-                summary["post"] = self._post(export_dir)
-            self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            (self.out / "run_summary.json").write_text(json.dumps(summary, indent=1))
-        if tb is not None:
-            tb.close()
-        self.acc.wait_for_everyone()
-        return summary
-
-    def _save(self, step: int, optimizer, scheduler) -> None:
-        state = {
-            "config_fingerprint": self.cfg.fingerprint(),
-            "config": self.cfg.to_dict(),
-            "data": {"consumed_batches_per_rank": step * self.cfg.grad_accum,
-                     "batches_per_epoch": self.batches_per_epoch, "world_size": self.world},
-        }
-        save_checkpoint(self.out / "checkpoints", step, model=self.acc.unwrap_model(self.ddp), optimizer=optimizer,
-                        scheduler=scheduler, state=state, rank=self.rank, is_main=self.acc.is_main_process,
-                        barrier=self.acc.wait_for_everyone)
-        if self.acc.is_main_process:
-            prune_checkpoints(self.out / "checkpoints", self.cfg.keep_checkpoints)
-
-    def _post(self, export_dir: Path) -> dict:
+    def _post(self, export_dir: Path, model) -> dict:
+        self._export_target = model
         reports = {}
         for item in self.cfg.post:
             name, _, spec = item.partition(":")
-            pp = get_postprocessor(name)
             ctx = PostContext(
-                model=self.acc.unwrap_model(self.ddp), tokenizer=self.tokenizer, config=self.cfg,
-                export_dir=export_dir, output_dir=self.out, initial_trainable=self.initial_trainable,
-                write_export=self.write_export, log=self._log,
+                model=model, tokenizer=self.tokenizer, config=self.cfg, export_dir=export_dir, output_dir=self.out,
+                initial_trainable=self.initial_trainable, write_export=self.write_export, log=self._log,
             )
-            reports[item] = pp.run(ctx, spec)
+            reports[item] = get_postprocessor(name).run(ctx, spec)
         return reports
-
-    def _tensorboard(self):
-        if not (self.cfg.tensorboard and self.acc.is_main_process):
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self._log("tensorboard is not installed; --tensorboard ignored (metrics.jsonl is still written)")
-            return None
-        return SummaryWriter(str(self.out / "tensorboard"))
-
-
-def _shard_list(spec):
-    from .data import list_shards
-
-    return list_shards(spec)
 
 
 def train(cfg: TrainConfig) -> dict:
