@@ -51,6 +51,7 @@ def train_run(output_dir: Path, *, lm: str, train_jsonl: str, emb_npy: str, temp
         max_steps=steps, lr=lr, adapter_lr=adapter_lr, seed=seed, mixed_precision="no", num_workers=0,
         log_generations=0, log_every=max(1, steps // 5), save_every=0, keep_checkpoints=1, resume=False,
         post=list(post), progress=False, report_to="none",
+        image_prefix="bos",  # the tiny LM was pretrained on "<s> <image> caption" (textlm.py): same layout
     )
     t0 = time.perf_counter()
     summary = train(cfg)
