@@ -125,7 +125,7 @@ for model in $MODELS; do
 done
 
 # ---------------------------------------------------------------- merge
-"$PY" - "$WORK/rows" "$OUT" "$(( $(date +%s) - SUITE_START ))" "$MODELS" "$LAUNCHERS" <<'EOF'
+"$PY" - "$WORK/rows" "$OUT" "$(( $(date +%s) - SUITE_START ))" "$MODELS" "$LAUNCHERS" "$(cd "$(dirname "$0")" && pwd)" <<'EOF'
 import json, sys
 from pathlib import Path
 
@@ -149,22 +149,10 @@ for m in models:
 result = {"suite": "gpu_suite_train", "total_s": total_s, **meta, "rows": rows}
 (out / "gpu_suite_train.json").write_text(json.dumps(result, indent=1, default=float))
 
-lines = ["| model | launcher | status | elapsed s | s/step | target tok/s | input tok/s | TFLOP/s | MFU | stall |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
-for r in rows:
-    # a run that failed after its steps (e.g. while saving) still has its figures under "partial"
-    fig, status = (r, "ok") if r.get("status") == "ok" else (r.get("partial"), r.get("status"))
-    if fig:
-        if status != "ok":
-            status += f" after {fig['steps_logged']} steps"
-        mfu = f"{fig['mfu']:.1%}" if fig.get("mfu") is not None else "-"
-        stall = f"{fig['stall_fraction']:.1%}" if fig.get("stall_fraction") is not None else "-"
-        lines.append(f"| {r['model']} | {r['launcher']} | {status} | {r['elapsed_s']} | {fig['step_s']:.4f} | "
-                     f"{fig['tokens_per_s']:,.0f} | {fig['input_tokens_per_s']:,.0f} | "
-                     f"{fig['achieved_tflops']:.2f} | {mfu} | {stall} |")
-    else:
-        lines.append(f"| {r['model']} | {r['launcher']} | {r.get('status')} | {r.get('elapsed_s')} "
-                     "| - | - | - | - | - | - |")
+sys.path.insert(0, str(Path(sys.argv[6])))
+from train_throughput import results_table  # noqa: E402
+
+lines = [results_table(rows, elapsed=True).rstrip("\n")]
 head = f"Device: {meta.get('device', {}).get('name', '?')}; torch {meta.get('torch', '?')}; suite {total_s} s.\n\n"
 table = head + "\n".join(lines) + "\n"
 (out / "gpu_suite_train.md").write_text(table)

@@ -395,22 +395,31 @@ def markdown(rows: list[dict], a: argparse.Namespace, device: dict) -> str:
     head = (f"Device: {device['name']}; torch {torch.__version__}; stage 1 (`projector`, `{PROJECTOR}`, frozen LM), "
             f"mixed precision {a.mixed_precision}, batch {a.batch_size} x grad-accum {a.grad_accum} per process, "
             f"{a.steps} steps (first {a.warmup_steps} skipped), random-weight LMs, byte-level tokenizer.\n\n")
-    table = ("| model | launcher | procs | status | s/step | target tok/s | input tok/s | tokens/seq | TFLOP/s | MFU "
-             "| stall |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    return head + results_table(rows)
+
+
+def results_table(rows: list[dict], *, elapsed: bool = False) -> str:
+    """Markdown table of result rows; a run that failed after its steps still shows its figures
+    (under ``partial``). ``elapsed`` adds the wall seconds of each run (the GPU suite's column)."""
+    cols = ["model", "launcher", "procs", "status"] + (["elapsed s"] if elapsed else []) + [
+        "s/step", "target tok/s", "input tok/s", "tokens/seq", "TFLOP/s", "MFU", "stall"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         fig, status = (r, "ok") if r.get("status") == "ok" else (r.get("partial"), r.get("status"))
+        lead = [r["model"], r["launcher"], str(r.get("num_processes", 1))]
+        extra = [str(r.get("elapsed_s"))] if elapsed else []
         if fig:
             if status != "ok":
                 status += f" after {fig['steps_logged']} steps"
             mfu = f"{fig['mfu']:.1%}" if fig.get("mfu") is not None else "-"
             stall = f"{fig['stall_fraction']:.1%}" if fig.get("stall_fraction") is not None else "-"
-            table += (f"| {r['model']} | {r['launcher']} | {r['num_processes']} | {status} | {fig['step_s']:.4f} | "
-                      f"{fig['tokens_per_s']:,.0f} | {fig['input_tokens_per_s']:,.0f} | "
-                      f"{fig['mean_input_tokens_per_seq']:.1f} | {fig['achieved_tflops']:.2f} | {mfu} | {stall} |\n")
+            cells = lead + [status] + extra + [
+                f"{fig['step_s']:.4f}", f"{fig['tokens_per_s']:,.0f}", f"{fig['input_tokens_per_s']:,.0f}",
+                f"{fig['mean_input_tokens_per_seq']:.1f}", f"{fig['achieved_tflops']:.2f}", mfu, stall]
         else:
-            table += (f"| {r['model']} | {r['launcher']} | {r['num_processes']} | {status} "
-                      "| - | - | - | - | - | - | - |\n")
-    return head + table
+            cells = lead + [str(status)] + extra + ["-"] * 7
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def device_info() -> dict:

@@ -62,6 +62,9 @@ def test_fsdp_gives_ddp_losses_on_smollm2(shards, tmp_path):
     assert ddp[10] < ddp[1]
     summary = json.loads((tmp_path / "fsdp" / "run_summary.json").read_text())
     assert summary["parallelism"] == "fsdp" and summary["world_size"] == 2
+    # rank 1 never loaded SmolLM2's weights: it built the LM on the meta device and received rank 0's
+    for run in ("ddp", "fsdp"):
+        assert json.loads((tmp_path / run / "run_summary.json").read_text())["lm_loaded_on_meta"] == [0, 1]
     # the export gathered full tensors: same shapes and (nearly) the same values as the DDP export
     p_ddp = load_file(str(tmp_path / "ddp" / "export" / "projector.safetensors"))
     p_fsdp = load_file(str(tmp_path / "fsdp" / "export" / "projector.safetensors"))

@@ -62,6 +62,15 @@ class EmbeddingLM(nn.Module):
         self._visual_mask_hooks[handle.id] = fn
         return handle
 
+    def tie_weights(self, **kwargs) -> None:
+        """Re-tie the LM's input and output embeddings (through PEFT wrappers). accelerate's FSDP2
+        loading moves the model to the meta device, which unties shared parameters, and then calls
+        this; without it rank 0 (real weights, untied by the move) and a meta-loaded rank (still tied)
+        would shard different parameter sets."""
+        fn = getattr(self.lm, "tie_weights", None)
+        if fn is not None:
+            fn(**kwargs)
+
     @property
     def _no_split_modules(self) -> list[str]:
         """The LM's decoder-layer class names (through PEFT wrappers): what FSDP's transformer-based

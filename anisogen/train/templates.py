@@ -1,7 +1,8 @@
 """Prompt templates: conversations -> token ids + labels, built segment by segment.
 
 Every template turns a conversation (a list of ``{"role", "content"}`` messages, roles ``system``,
-``user``, ``assistant``; exactly one ``<image>`` marker in a user/system message) into a list of
+``user``, ``assistant``; one ``<image>`` marker in a user/system message, or none for a text-only
+stage-2 conversation encoded with ``allow_text_only=True``) into a list of
 *segments* ``(text or token ids, is_target)``. Each segment is tokenised on its own
 (``add_special_tokens=False``) and the pieces are concatenated, so labels are never derived by
 re-tokenising rounds and subtracting lengths (the cause of LLaVA's "tokenization mismatch" that zeroes

@@ -188,19 +188,25 @@ class Trainer:
         )
         setup = method.prepare(ctx)
         model = place(ctx.model)
+        if weights == "meta":
+            _storage_for_trainable(model, setup, device)
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
         if main:
-            self.method, self.setup = method, setup
+            self.method, self.setup, self.lm_on_meta = method, setup, weights == "meta"
         return model, {"options": options, **setup.info}
 
     def _meta_lm(self, method) -> bool:
-        """Off the main process under DDP, build the LM on the meta device: DDP's constructor broadcasts
-        rank 0's weights anyway. Methods whose ``prepare`` runs the LM (Gap-Init calibration) need real
-        weights everywhere. Under FSDP every rank still loads the LM (a meta LM there desynchronised
-        the first all-gather on CPU/gloo; not resolved yet, see docs/TRAINING.md)."""
-        return (not self.acc.is_main_process) and not method.reads_lm_at_setup and self.parallel == "ddp"
+        """Off the main process, build the LM on the meta device when its weights come from rank 0
+        anyway: DDP (its constructor broadcasts them) or FSDP with ``cpu_ram_efficient_loading``
+        (accelerate broadcasts rank 0's state dict while sharding). Methods whose ``prepare`` runs the
+        LM (Gap-Init calibration) need real weights everywhere."""
+        if self.acc.is_main_process or method.reads_lm_at_setup:
+            return False
+        if self.parallel == "fsdp":
+            return bool(getattr(self.acc.state.fsdp_plugin, "cpu_ram_efficient_loading", False))
+        return self.parallel == "ddp"
 
     def _setup_text(self, model, tok, lm, lm_info, method) -> None:
         """Tokenizer, template, example builder; the base LM copy shipped with exports of the tiny LM."""
@@ -495,9 +501,10 @@ class Trainer:
         if self.bar is not None:
             self.bar.close()
         counts = self.acc.gather(torch.tensor([self.n_batches], device=self.acc.device)).tolist()
+        meta = self.acc.gather(torch.tensor([int(self.lm_on_meta)], device=self.acc.device)).tolist()
         t = self.totals
         self.summary.update({
-            "final_step": self.final_step, "halted": halted, "batches_per_rank": counts, **t,
+            "final_step": self.final_step, "halted": halted, "batches_per_rank": counts, "lm_loaded_on_meta": meta, **t,
             "stall_fraction": t["data_wait_s"] / t["step_s"] if t["step_s"] > 0 else 0.0,
             "load_rejects": self.load_rejects,
         })
@@ -566,6 +573,20 @@ class Trainer:
             )
             reports[item] = get_postprocessor(name).run(ctx, spec)
         return reports
+
+
+def _storage_for_trainable(model, setup, device) -> None:
+    """Give the trainable parameters of a meta-loaded model real (uninitialised) storage, and point the
+    method's groups at the new parameter objects. accelerate's FSDP2 preparation maps optimizer
+    parameters to their sharded replacements by storage pointer, which is 0 for every meta tensor;
+    the values themselves are broadcast from rank 0."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    for mod in model.modules():
+        if any(p.requires_grad and p.is_meta for p in mod.parameters(recurse=False)):
+            mod.to_empty(device=device, recurse=False)
+    fresh = dict(model.named_parameters())
+    for g in setup.groups:
+        g.params = [fresh[names[id(p)]] if id(p) in names else p for p in g.params]
 
 
 def train(cfg: TrainConfig) -> dict:
