@@ -97,6 +97,31 @@ def test_stage1_has_every_row_and_finite_metrics(ci_run):
         assert Path(r["export_dir"], "projector.safetensors").is_file()
 
 
+def test_transfer_probe_in_the_study(ci_run):
+    from anisogen.experiment.goals import caption_scores, probe_goals
+
+    _, doc, res = ci_run
+    s1, cfg = res["stage1"], res["config"]
+    for name, r in s1.items():
+        pr = r["probe"]
+        for kind in ("linear", "mlp"):
+            for split, n in (("heldout", cfg["n_eval"]), ("novel", cfg["n_novel"])):
+                sc = pr[kind][split]
+                assert len(sc["per_scene"]) == n and 0.0 <= sc["mean"] <= 1.0
+                assert sc["mean"] == pytest.approx(sum(sc["per_scene"]) / n)
+        # retrieval needs a text side: every aligner and Blind, never Oracle
+        assert ("retrieval" in pr) == (name != "oracle")
+    # real image embeddings carry the attributes; a constant vector does not
+    assert s1["oracle"]["probe"]["linear"]["heldout"]["mean"] > s1["blind"]["probe"]["linear"]["heldout"]["mean"] + 0.1
+    assert s1["blind"]["probe"]["retrieval"]["r1"] == 0.0  # all ties rank last
+    assert s1["anisoalign"]["probe"]["retrieval"]["r1"] > s1["blind"]["probe"]["retrieval"]["r1"]
+    goals = probe_goals(s1)
+    assert goals and {g["verdict"] for g in goals} <= {"holds", "fails", "undecided"}
+    assert len(caption_scores(s1["oracle"])) == cfg["n_eval"]
+    text = doc.read_text()
+    assert "### Transfer probe" in text and "95% CI" in text
+
+
 def test_oracle_beats_blind(ci_run):
     _, _, res = ci_run
     o, b = res["stage1"]["oracle"], res["stage1"]["blind"]

@@ -60,6 +60,8 @@ def test_retrieval_ranks_match_brute_force():
     want = np.array([1 + int(np.sum(sims[i] > sims[i, i])) for i in range(50)])
     assert np.array_equal(r["ranks"], want)
     assert r["r1"] == np.mean(want == 1) and r["r5"] == np.mean(want <= 5) and r["median_rank"] == np.median(want)
+    tied = retrieval_ranks(np.ones((5, 3)), np.ones((5, 3)))  # no information: every match ranks last
+    assert tied["ranks"].tolist() == [5] * 5 and tied["r1"] == 0.0
 
 
 def test_paired_bootstrap_intervals():

@@ -26,6 +26,7 @@ class ExperimentConfig:
     n_text: int = 3000  # train-split caption scenes (the text-only corpus)
     n_unpaired_images: int = 3000  # train-split images for fitting aligners (never the caption scenes)
     n_eval: int = 200  # held-out scenes for caption evaluation
+    n_novel: int = 500  # novel-split scenes (held-out colour-shape pairs) for the transfer probe
     n_qa_scenes: int = 40  # held-out scenes for instruction QA and the POPE probe
     n_instruction_scenes: int = 800  # train scenes whose instruction conversations form stage 2
     # aligners
@@ -67,7 +68,7 @@ class ExperimentConfig:
 
 #: Reduced sizes for CI (tests/test_experiment.py): same code paths, minutes -> seconds.
 CI_OVERRIDES = dict(
-    n_text=600, n_unpaired_images=600, n_eval=40, n_qa_scenes=10, n_instruction_scenes=150,
+    n_text=600, n_unpaired_images=600, n_eval=40, n_novel=60, n_qa_scenes=10, n_instruction_scenes=150,
     aligners=("identity", "realign", "anisoalign"),
     lm_pretrain_steps=200, lm_pretrain_batch=32,
     stage1_steps=60, stage2_steps=15, stage2_seeds=(0, 1), caption_tokens=40, answer_tokens=16,

@@ -2,6 +2,37 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from .probe import paired_bootstrap, verdict
+from .scoring import CAPTION_ATTRIBUTES
+
+
+def caption_scores(run: dict) -> np.ndarray:
+    """Per-scene mean caption attribute score of a stage-1 run (the MLLM metric, paired by scene)."""
+    return np.array([np.mean([smp[a] for a in CAPTION_ATTRIBUTES]) for smp in run["samples"]])
+
+
+def probe_goals(s1: dict, kind: str = "linear", split: str = "heldout") -> list[dict]:
+    """Goals on the transfer probe and on the MLLM metric with paired bootstrap 95 % CIs (same scenes for
+    both sides): ``{"goal", "measured", "ci", "verdict"}``; verdict holds / fails / undecided."""
+    if "anisoalign" not in s1 or "probe" not in s1["anisoalign"]:
+        return []
+    ps = lambda n: np.array(s1[n]["probe"][kind][split]["per_scene"])  # noqa: E731
+    out = []
+    for label, scores in ((f"probe ({kind}, {split})", ps), ("MLLM caption attributes", lambda n: caption_scores(s1[n]))):
+        a, o = scores("anisoalign"), scores("oracle")
+        ci = paired_bootstrap(a, o, ratio=True)
+        out.append({"goal": f"AnisoAlign ≥ 95% of Oracle — {label}", "measured": f"{100 * ci['estimate']:.1f}%",
+                    "ci": f"[{100 * ci['lo']:.1f}%, {100 * ci['hi']:.1f}%]", "verdict": verdict(ci, 0.95)})
+        for other in ("realign", "unicorn"):
+            if other in s1:
+                ci = paired_bootstrap(a, scores(other))
+                out.append({"goal": f"AnisoAlign > {other} — {label}", "measured": f"{ci['estimate']:+.4f}",
+                            "ci": f"[{ci['lo']:+.4f}, {ci['hi']:+.4f}] (half-width {ci['half_width']:.4f})",
+                            "verdict": verdict(ci, 0.0)})
+    return out
+
 
 def evaluate_goals(res: dict) -> list[dict]:
     """``[{"goal", "measured", "holds"}]`` for every goal whose runs are present in ``res``."""

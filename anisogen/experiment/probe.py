@@ -108,13 +108,14 @@ def probe_scores(net: nn.Module, x: np.ndarray, labels: Labels) -> dict[str, np.
 
 
 def retrieval_ranks(queries: np.ndarray, gallery: np.ndarray) -> dict:
-    """Rank (1 = best) of gallery row i for query row i by cosine, plus R@1, R@5 and the median rank."""
+    """Rank (1 = best) of gallery row i for query row i by cosine, plus R@1, R@5 and the median rank.
+    Ties count against the match (a constant query ranks last), so no score is won by a tie."""
     q, g = _unit(queries), _unit(gallery)
     if q.shape != g.shape:
         raise ValueError(f"queries {tuple(q.shape)} and gallery {tuple(g.shape)} must pair row by row")
     sims = q @ g.T
     own = sims.diagonal()[:, None]
-    ranks = (sims > own).sum(1).numpy().astype(np.int64) + 1
+    ranks = (sims >= own).sum(1).numpy().astype(np.int64)  # itself included: 1 + others at least as close
     return {"ranks": ranks, "r1": float(np.mean(ranks <= 1)), "r5": float(np.mean(ranks <= 5)),
             "median_rank": float(np.median(ranks))}
 
@@ -144,3 +145,26 @@ def verdict(ci: dict, threshold: float = 0.0, *, greater: bool = True) -> str:
     if greater:
         return "holds" if lo > threshold else "fails" if hi < threshold else "undecided"
     return "holds" if hi < threshold else "fails" if lo > threshold else "undecided"
+
+
+def probe_condition(train_emb: np.ndarray, train_labels: Labels, evals: dict, *, queries: np.ndarray | None = None,
+                    gallery: np.ndarray | None = None, seed: int = 0) -> dict:
+    """Both probes trained on one condition's training embeddings and scored on each evaluation set.
+
+    ``evals``: ``{split: (real embeddings (N, d), Labels)}``. Returns ``{"linear"|"mlp": {split: {"mean",
+    "per_attribute", "per_scene"}}, "retrieval": {...}}`` (retrieval when ``queries``/``gallery`` are given:
+    the substitutes of the held-out captions against the real held-out images)."""
+    out = {}
+    for kind in ("linear", "mlp"):
+        net = train_probe(train_emb, train_labels, kind=kind, seed=seed)
+        out[kind] = {}
+        for split, (x, lab) in evals.items():
+            sc = probe_scores(net, x, lab)
+            out[kind][split] = {"mean": float(sc["mean"].mean()),
+                                "per_attribute": {k: float(v.mean()) for k, v in sc.items() if k != "mean"},
+                                "per_scene": sc["mean"].tolist()}
+    if queries is not None and gallery is not None:
+        r = retrieval_ranks(queries, gallery)
+        out["retrieval"] = {"r1": r["r1"], "r5": r["r5"], "median_rank": r["median_rank"],
+                            "per_scene_r1": (r["ranks"] <= 1).astype(float).tolist()}
+    return out

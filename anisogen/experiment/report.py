@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from . import paper
-from .goals import evaluate_goals
+from .goals import evaluate_goals, probe_goals
 from .scoring import CAPTION_ATTRIBUTES
 
 
@@ -120,6 +120,8 @@ def render_report(res: dict) -> str:
         "*paper avg*: the benchmark average of AnisoAlign Table 1 (Table 4 for the ablations; the Oracle "
         "row is Table 3 \"W/. Image\", which also had SFT). Different models, data and metrics: the paper "
         "column is **qualitative** (ordering only).\n")
+    if "probe" in s1["oracle"]:
+        out.extend(_probe_section(cfg, s1, names))
     out.append("Sample captions on held-out real image embeddings (first 4 scenes):\n")
     for n in [x for x in ("oracle", "anisoalign", "realign", "identity", "blind") if x in s1]:
         out.append(f"* **{n}**: " + "; ".join(f"“{s['generated']}” (truth: {s['scene']})" for s in s1[n]["samples"][:4]))
@@ -246,3 +248,34 @@ def analysis(res: dict, goals: list[dict]) -> list[str]:
         "MLLMs. Stage 1 is one seed per aligner; the aligners use CPU-sized settings "
         "(`anisogen/experiment/config.py`), not the paper's.")
     return lines
+
+
+def _probe_section(cfg: dict, s1: dict, names: list[str]) -> list[str]:
+    """The transfer probe table (``probe.py``) and its goals with paired bootstrap CIs."""
+    out = ["### Transfer probe: do the substitutes stand in for images?\n",
+           f"Attribute probes trained on each condition's *training embeddings* (substitutes of the "
+           f"{cfg['n_text']} train captions; Oracle: their real images) and scored on *real* image embeddings: "
+           f"the {cfg['n_eval']} held-out scenes and {cfg.get('n_novel', 0)} novel-split scenes (colour–shape "
+           f"pairs absent from the train split). Score per scene: F1 of the predicted colour / shape / size / "
+           f"region sets, accuracy of count and background, averaged. Retrieval: rank of each held-out "
+           f"scene's real image among all held-out images for the substitute of its caption. Probe settings are "
+           f"fixed in `anisogen/experiment/probe.py` (never chosen on evaluation data). No LM is involved.\n"]
+    rows = []
+    for n in names:
+        pr = s1[n]["probe"]
+        ret = pr.get("retrieval")
+        rows.append([f"**{n}**" if n == "anisoalign" else n, _f(pr["linear"]["heldout"]["mean"]),
+                     _f(pr["mlp"]["heldout"]["mean"]), _f(pr["linear"]["novel"]["mean"]),
+                     _f(pr["mlp"]["novel"]["mean"]),
+                     _f(ret["r1"]) if ret else "–", _f(ret["r5"]) if ret else "–",
+                     f"{ret['median_rank']:.0f}" if ret else "–"])
+    out.append(_table(["condition", "linear held-out", "MLP held-out", "linear novel", "MLP novel", "R@1", "R@5",
+                       "median rank"], rows))
+    goals = probe_goals(s1)
+    if goals:
+        out.append("\nGoals with paired bootstrap 95 % CIs (2,000 resamples of the held-out scenes; *holds* / "
+                   "*fails* when the whole interval is on one side, else *undecided*):\n")
+        out.append(_table(["goal", "measured", "95% CI", "verdict"],
+                          [[g["goal"], g["measured"], g["ci"], g["verdict"]] for g in goals]))
+    out.append("")
+    return out

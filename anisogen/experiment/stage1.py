@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ExperimentConfig
+from .probe import probe_condition, scene_labels
 from .runs import evaluate_captions, train_run, write_caption_data
 from .world import World
 
@@ -59,18 +60,33 @@ def _cosine_to_oracle(sub: np.ndarray, oracle: np.ndarray) -> float:
     return float(np.mean(np.sum(a * b, axis=1)))
 
 
+def _probe(train_emb, eval_emb, sides, labels, seed: int) -> dict:
+    """The transfer probe of one condition (``probe.py``): attribute probes trained on its training
+    embeddings, scored on the real held-out and novel-split images; retrieval of the held-out images
+    by the substitutes of their captions (not for Oracle, which has no text side)."""
+    novel_emb, queries = sides
+    evals = {"heldout": (eval_emb, labels["heldout"]), "novel": (novel_emb, labels["novel"])}
+    return probe_condition(train_emb, labels["train"], evals, queries=queries,
+                           gallery=eval_emb if queries is not None else None, seed=seed)
+
+
 def run_stage1(cfg: ExperimentConfig, world: World, lm: str, aligners: dict, log=print) -> dict:
     """Train and evaluate every stage-1 condition; returns ``{condition: result}`` (order: aligners,
     Oracle, Blind)."""
     root = Path(cfg.out_dir) / "stage1"
-    conditions = []
+    conditions, probe_sides = [], {}
     for name in cfg.aligners:
         al = aligners[name]["aligner"]
         conditions.append((name, al.transform(world.text_emb).astype(np.float32),
                            al.transform_image(world.eval_emb).astype(np.float32), aligners[name]["fit_seconds"]))
+        probe_sides[name] = (al.transform_image(world.novel_emb), al.transform(world.eval_text_emb))
     conditions.append((ORACLE, world.oracle_emb, world.eval_emb, 0.0))
+    probe_sides[ORACLE] = (world.novel_emb, None)
     blind = world.blind_vector()
     conditions.append((BLIND, np.tile(blind, (len(world.text_emb), 1)), np.tile(blind, (len(world.eval_emb), 1)), 0.0))
+    probe_sides[BLIND] = (np.tile(blind, (len(world.novel_emb), 1)), np.tile(blind, (len(world.eval_emb), 1)))
+    labels = {"train": scene_labels(world.text_scenes), "heldout": scene_labels(world.eval_scenes),
+              "novel": scene_labels(world.novel_scenes)}
     results = {}
     for name, train_emb, eval_emb, fit_s in conditions:
         out = root / name
@@ -86,6 +102,7 @@ def run_stage1(cfg: ExperimentConfig, world: World, lm: str, aligners: dict, log
             **ev, "export_dir": summary["export_dir"], "train_seconds": summary["seconds"], "eval_seconds": ev_s,
             "fit_seconds": fit_s, "final_train_loss": float(np.mean(losses[-10:])),
             "substitute_cosine_to_image": _cosine_to_oracle(train_emb, world.oracle_emb),
+            "probe": _probe(train_emb, eval_emb, probe_sides[name], labels, cfg.seed),
         }
         a = ev["attributes"]
         log(f"stage 1 {name}: attr mean {a['mean']:.3f} (colour {a['color']:.3f}, shape {a['shape']:.3f}), "

@@ -45,6 +45,9 @@ class World:
     eval_captions: list[str]
     eval_emb: np.ndarray  # (n_eval, d) real held-out image embeddings
     qa_records: list[dict]  # held-out {"scene": i, "type", "question", "answer", "pope"}
+    eval_text_emb: np.ndarray  # (n_eval, d) text embeddings of the held-out captions (probe retrieval queries)
+    novel_scenes: list[Scene]  # novel split: colour-shape pairs never in the train split
+    novel_emb: np.ndarray  # (n_novel, d) real image embeddings of the novel scenes
     clip_fingerprint: str
 
     @property
@@ -87,7 +90,7 @@ def build_world(cfg: ExperimentConfig, log=print) -> World:
         raise ValueError(f"n_qa_scenes={cfg.n_qa_scenes} exceeds n_eval={cfg.n_eval}")
     model, _, tok = load_clip(CLIP_NAME)
     key = {"seed": seed, "n_text": cfg.n_text, "n_unpaired": cfg.n_unpaired_images, "n_eval": cfg.n_eval,
-           "n_instr": cfg.n_instruction_scenes, "clip": model.anisogen_fingerprint}
+           "n_instr": cfg.n_instruction_scenes, "n_novel": cfg.n_novel, "clip": model.anisogen_fingerprint}
     stamp = data / "key.json"
     if stamp.is_file() and json.loads(stamp.read_text()) != key:  # stale cache from other settings
         for f in data.glob("*.npy"):
@@ -109,6 +112,9 @@ def build_world(cfg: ExperimentConfig, log=print) -> World:
     oracle = _cached(data / "oracle_image_emb.npy", lambda: encode_pixels(model, render_array(text_scenes)))
     unpaired = _cached(data / "unpaired_image_emb.npy", lambda: encode_pixels(model, render_array(img_scenes)))
     eval_emb = _cached(data / "heldout_image_emb.npy", lambda: encode_pixels(model, render_array(eval_scenes)))
+    eval_text_emb = _cached(data / "heldout_text_emb.npy", lambda: encode_captions(model, tok, eval_caps))
+    novel_scenes = sample_scenes(cfg.n_novel, "novel", seed) if cfg.n_novel else []
+    novel_emb = _cached(data / "novel_image_emb.npy", lambda: encode_pixels(model, render_array(novel_scenes)))
 
     instr = []
     for i, s in enumerate(instr_scenes):
@@ -126,4 +132,5 @@ def build_world(cfg: ExperimentConfig, log=print) -> World:
     return World(text_scenes=text_scenes, captions=caps, text_emb=text_emb, oracle_emb=oracle,
                  unpaired_image_emb=unpaired, instruction_texts=instr_texts, instruction_text_emb=instr_emb,
                  instruction_records=instr, eval_scenes=eval_scenes, eval_captions=eval_caps, eval_emb=eval_emb,
-                 qa_records=qa, clip_fingerprint=model.anisogen_fingerprint)
+                 qa_records=qa, eval_text_emb=eval_text_emb, novel_scenes=novel_scenes, novel_emb=novel_emb,
+                 clip_fingerprint=model.anisogen_fingerprint)
