@@ -34,7 +34,6 @@ COMMON_KEYS = {"compute_environment", "distributed_type", "mixed_precision", "nu
 FSDP_KEYS = {
     "fsdp_version": 2,
     "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-    "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
     "fsdp_reshard_after_forward": True,
     "fsdp_state_dict_type": "SHARDED_STATE_DICT",
     "fsdp_cpu_ram_efficient_loading": True,
@@ -104,7 +103,7 @@ def test_fsdp_selects_version_2_and_documented_keys(monkeypatch):
     env = prepare_multi_gpu_env(args)
     assert env["ACCELERATE_USE_FSDP"] == "true"
     assert env["FSDP_VERSION"] == "2"
-    assert env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "LlamaDecoderLayer"
+    assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in env  # the model names its own layer classes
     assert env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
     assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
     assert env["FSDP_RESHARD_AFTER_FORWARD"] == "true"
@@ -120,6 +119,17 @@ def test_fsdp_selects_version_2_and_documented_keys(monkeypatch):
     assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
     assert plugin.cpu_ram_efficient_loading is True
     assert plugin.activation_checkpointing is False
+    assert plugin.transformer_cls_names_to_wrap is None
+    # ... which the trainer's EmbeddingLM reports from the LM, through a PEFT wrapper too
+    from peft import LoraConfig, get_peft_model
+
+    from anisogen.train.lm import load_lm
+    from anisogen.train.model import EmbeddingLM
+    from anisogen.train.projector import build_projector
+
+    lm, _, _ = load_lm("tiny")
+    lm = get_peft_model(lm, LoraConfig(r=1, target_modules=["q_proj"]))
+    plugin.set_auto_wrap_policy(EmbeddingLM(lm, build_projector("linear", 8, 64), 6))
     assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
 
 
