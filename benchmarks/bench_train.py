@@ -199,15 +199,21 @@ def memory_main(a, argv) -> int:
     print(table)
     print(summary)
     if a.append:
-        cmd = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with open(a.append, "a", encoding="utf-8") as f:
-            f.write(f"\n### Peak memory: chunked cross-entropy and meta loading\n\nDevice: {device}. One stage-2 step "
-                    f"(forward + backward; `mlp2x_gelu` projector trainable, LM frozen, {a.mem_dtype}) of a random "
-                    f"Llama with vocabulary {BIG_VOCAB}, hidden 576, {a.mem_layers} decoder layers (SmolLM2 has 30; "
-                    f"the logits do not depend on depth), batch {a.mem_batch} x {a.mem_seq} tokens, loss on the "
-                    f"answer part of each row; each row in a fresh process, peak = `ru_maxrss`.\n\n"
-                    f"Command: `{cmd}`\n\n{table}\n{summary}.\n")
+        _append_section(a.append, argv, "### Peak memory: chunked cross-entropy and meta loading",
+                        f"Device: {device}. One stage-2 step "
+                        f"(forward + backward; `mlp2x_gelu` projector trainable, LM frozen, {a.mem_dtype}) of a random "
+                        f"Llama with vocabulary {BIG_VOCAB}, hidden 576, {a.mem_layers} decoder layers (SmolLM2 has 30; "
+                        f"the logits do not depend on depth), batch {a.mem_batch} x {a.mem_seq} tokens, loss on the "
+                        f"answer part of each row; each row in a fresh process, peak = `ru_maxrss`.",
+                        f"{table}\n{summary}.\n")
     return 0
+
+
+def _append_section(path: str, argv, heading: str, intro: str, body: str) -> None:
+    """Append ``heading``, ``intro``, the exact command line and ``body`` to the markdown file ``path``."""
+    cmd = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"\n{heading}\n\n{intro}\n\nCommand: `{cmd}`\n\n{body}")
 
 
 def main(argv=None) -> int:
@@ -258,12 +264,10 @@ def main(argv=None) -> int:
         f"{r['input_tokens_per_s']:.0f} | {r['target_tokens_per_s']:.0f} |\n" for r in rows)
     print(table)
     if a.append:
-        cmd = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with open(a.append, "a", encoding="utf-8") as f:
-            f.write(f"\n## trainer (issue 7)\n\nDevice: {device}; batch {a.batch_size}, {a.steps} steps per row "
-                    f"(first {a.warmup_steps} excluded), stage 1 (`plain`, `mlp2x_gelu`, frozen LM, d=512 synthetic "
-                    f"shards). Stall fraction = time waiting for the next batch / step time.\n\n"
-                    f"Command: `{cmd}`\n\n{table}")
+        _append_section(a.append, argv, "## trainer (issue 7)",
+                        f"Device: {device}; batch {a.batch_size}, {a.steps} steps per row "
+                        f"(first {a.warmup_steps} excluded), stage 1 (`plain`, `mlp2x_gelu`, frozen LM, d=512 synthetic "
+                        f"shards). Stall fraction = time waiting for the next batch / step time.", table)
     return 0
 
 
