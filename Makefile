@@ -29,9 +29,9 @@ test-slow: install
 demo: install
 	$(PY) pipelines/demo.py
 
-# the text-only training study on the toy world (tiny LM, about 15-20 min) -> docs/EXPERIMENTS.md
+# the text-only training study on the toy world (about 35 min from scratch, less with its caches) -> docs/EXPERIMENTS.md
 experiment: install
-	$(PY) pipelines/experiment.py
+	$(PY) pipelines/experiment.py --readme README.md
 
 clean-shards:
 	find shards -mindepth 1 ! -name README.md -exec rm -rf {} +

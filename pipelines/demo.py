@@ -148,8 +148,8 @@ def write_references(data: Path) -> Path:
 
 def scene_scores(data: Path, eval_dir: Path) -> dict:
     """Attribute accuracy of the generated captions against the held-out *scenes* themselves (the
-    experiment's metric, :func:`anisogen.experiment.scoring.caption_scores`: per-caption F1 of colour,
-    shape, size and position words, and a correct count), written to ``scene_scores.json``."""
+    experiment's metric, :func:`anisogen.experiment.scoring.caption_scores`: the caption accuracy over
+    the attribute kinds each caption names, and the per-kind completeness), written to ``scene_scores.json``."""
     from anisogen.experiment.scoring import caption_scores
     from anisogen.toyworld.scenes import Scene
 
@@ -173,7 +173,8 @@ def show_evaluation(data: Path, eval_dir: Path, n_show: int = 5) -> None:
     if attrs.get("all_exact") is not None:
         print(f"  every attribute exact: {attrs['all_exact']:.3f}")
     scores = scene_scores(data, eval_dir)
-    print("attribute accuracy against the scenes (F1 of the words named; count: correct number):")
+    print(f"caption accuracy against the scenes (every attribute a caption names is checked): {scores['accuracy']:.3f}")
+    print("completeness per kind (0 when a caption does not name it):")
     print("  " + "  ".join(f"{k} {scores[k]:.3f}" for k in ("color", "shape", "size", "position", "count", "mean")))
     print(f"  precision of the attribute words named: {scores['precision']:.3f}")
     with open(eval_dir / "captions.jsonl", encoding="utf-8") as f:

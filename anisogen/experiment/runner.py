@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import ExperimentConfig
-from .report import render_report
-from .stage1 import fit_aligners, run_stage1
+from .report import README_BEGIN, README_END, render_headline, render_report
+from .stage1 import fit_aligners, reference_accuracy, run_stage1
 from .stage2 import run_stage2
 from .textlm import pretrain_tiny_lm
 from .world import build_world
@@ -41,8 +41,8 @@ def _jsonable(x):
     return x
 
 
-def run_experiment(cfg: ExperimentConfig, *, doc_path: str | None = None, command: str = "", stage2: bool = True,
-                   log=print) -> dict:
+def run_experiment(cfg: ExperimentConfig, *, doc_path: str | None = None, readme_path: str | None = None,
+                   command: str = "", stage2: bool = True, log=print) -> dict:
     """Run everything in ``cfg``; returns the results dict (also written to ``<out>/results.json``)."""
     import torch
 
@@ -62,7 +62,7 @@ def run_experiment(cfg: ExperimentConfig, *, doc_path: str | None = None, comman
                                    world.instruction_text_emb,
                                    hidden=cfg.lm_hidden, layers=cfg.lm_layers, heads=cfg.lm_heads,
                                    steps=cfg.lm_pretrain_steps, batch_size=cfg.lm_pretrain_batch,
-                                   lr=cfg.lm_pretrain_lr, seed=cfg.seed, log=log)
+                                   lr=cfg.lm_pretrain_lr, seed=cfg.seed, vocab_size=cfg.lm_vocab, log=log)
         lm = str(lm_dir)
     elif cfg.lm == "smollm2":
         from ..train.lm import smollm2_gguf_path
@@ -92,17 +92,41 @@ def run_experiment(cfg: ExperimentConfig, *, doc_path: str | None = None, comman
     res = _jsonable({"config": cfg.to_dict(), "command": command or "python pipelines/experiment.py",
                      "machine": _machine(), "timings": timings, "lm_pretraining": lm_info,
                      "data": {"n_conversations": len(world.instruction_records), "n_qa": len(world.qa_records)},
+                     "reference_captions": reference_accuracy(world),
                      "stage1": s1, "stage2": s2})
     (out / "results.json").write_text(json.dumps(res, indent=1))
     if doc_path:
-        write_report(res, doc_path)
-        log(f"wrote {doc_path}")
+        write_report(res, doc_path, readme_path)
+        log(f"wrote {doc_path}" + (f" and the results block of {readme_path}" if readme_path else ""))
     return res
 
 
-def write_report(res: dict, doc_path: str) -> None:
-    path = Path(doc_path)
+def write_report(res: dict, doc_path: str, readme_path: str | None = None) -> None:
+    """Write the report to ``doc_path``; with ``readme_path``, also replace the generated headline block
+    of that README (between :data:`README_BEGIN` and :data:`README_END`)."""
+    _atomic_write(Path(doc_path), render_report(res))
+    if readme_path:
+        path = Path(readme_path)
+        text = check_readme(path)
+        head, rest = text.split(README_BEGIN, 1)
+        _, tail = rest.split(README_END, 1)
+        _atomic_write(path, head + README_BEGIN + "\n" + render_headline(res) + README_END + tail)
+
+
+def check_readme(path) -> str:
+    """The text of README ``path``; ValueError unless it has exactly one generated results block."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such README")
+    text = path.read_text(encoding="utf-8")
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise ValueError(f"{path}: needs exactly one {README_BEGIN!r} and one {README_END!r} line around the "
+                         f"generated results block")
+    return text
+
+
+def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(render_report(res), encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)

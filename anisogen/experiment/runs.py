@@ -3,6 +3,8 @@ export; and the two evaluations every run gets (captions, instruction QA + POPE)
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -37,11 +39,32 @@ def write_instruction_data(folder: Path, records, emb: np.ndarray) -> tuple[str,
     return _write_conversations(folder, "instructions.jsonl", emb, rows)
 
 
+def _fingerprint(*paths) -> str:
+    """SHA-256 over the bytes of the given files / folders (recursively, sorted); strings that are not
+    paths (a model name) are hashed as text."""
+    h = hashlib.sha256()
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+        h.update(str(p.name if files else p).encode())
+        for f in files:
+            h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
 def train_run(output_dir: Path, *, lm: str, train_jsonl: str, emb_npy: str, template: str, steps: int,
               batch_size: int, lr: float, seed: int, method: str = "projector", method_options=None,
               init_from: str | None = None, adapter_lr: float = 2e-4, freeze_projector: bool = False,
               post=(), max_length: int = 256) -> dict:
-    """Run :func:`anisogen.train.train` in-process (one CPU process) and return its summary + seconds."""
+    """Run :func:`anisogen.train.train` in-process (one CPU process) and return its summary + seconds.
+
+    Training is deterministic, so a run whose settings and inputs (LM, data, init export: hashed) match
+    the record ``<output_dir>/experiment_run.json`` of a finished run is reused (``"reused": True``)."""
     from ..train import TrainConfig, train
 
     cfg = TrainConfig(
@@ -53,11 +76,21 @@ def train_run(output_dir: Path, *, lm: str, train_jsonl: str, emb_npy: str, temp
         post=list(post), progress=False, report_to="none",
         image_prefix="bos",  # the tiny LM was pretrained on "<s> <image> caption" (textlm.py): same layout
     )
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "output_dir"}
+    key = {"settings": settings, "inputs": _fingerprint(lm, train_jsonl, emb_npy, init_from)}
+    record = Path(output_dir) / "experiment_run.json"
+    if record.is_file():
+        old = json.loads(record.read_text())
+        if old.get("key") == json.loads(json.dumps(key)) and (Path(output_dir) / "export").is_dir():
+            return {**old["summary"], "reused": True}
+    record.unlink(missing_ok=True)
     t0 = time.perf_counter()
     summary = train(cfg)
     summary = dict(summary or {})
     summary["seconds"] = time.perf_counter() - t0
     summary["export_dir"] = str(Path(output_dir) / "export")
+    keep = {k: summary[k] for k in ("losses", "seconds", "export_dir") if k in summary}
+    record.write_text(json.dumps({"key": key, "summary": keep}, default=str))
     return summary
 
 
@@ -77,7 +110,8 @@ def evaluate_captions(export, emb: np.ndarray, scenes, references, *, max_new_to
 
 def evaluate_qa(export, emb: np.ndarray, qa_records, *, max_new_tokens: int, batch_size: int) -> dict:
     """Answer each held-out question with the real image embedding of its scene; QA accuracy by type
-    (``exists`` excluded: that is the POPE probe) and POPE metrics on the yes/no existence questions."""
+    (``exists`` excluded: that is the POPE probe) and POPE metrics on the yes/no existence questions.
+    ``per_question``: 1/0 per non-``exists`` question in record order (for paired bootstraps)."""
     from ..train import load_export
 
     m = load_export(export) if isinstance(export, (str, Path)) else export
@@ -85,17 +119,18 @@ def evaluate_qa(export, emb: np.ndarray, qa_records, *, max_new_tokens: int, bat
     rows = emb[[r["scene"] for r in qa_records]]
     gens = m.generate(rows, conversations=convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
     by_type: dict[str, list[bool]] = {}
-    truth, pred = [], []
+    truth, pred, per_question = [], [], []
     for r, g in zip(qa_records, gens):
         if r["type"] == "exists":
             truth.append(r["answer"])
             pred.append(yes_no(g))
         else:
             by_type.setdefault(r["type"], []).append(qa_correct(r["type"], r["answer"], g))
+            per_question.append(float(by_type[r["type"]][-1]))
     allq = [x for v in by_type.values() for x in v]
     return {"qa_accuracy": float(np.mean(allq)) if allq else float("nan"),
             "qa_by_type": {k: float(np.mean(v)) for k, v in sorted(by_type.items())},
-            "n_questions": len(allq), "pope": pope_scores(truth, pred),
+            "n_questions": len(allq), "pope": pope_scores(truth, pred), "per_question": per_question,
             "samples": [{"question": r["question"], "answer": r["answer"], "generated": g}
                         for r, g in zip(qa_records[:20], gens[:20])]}
 

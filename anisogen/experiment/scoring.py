@@ -1,12 +1,19 @@
 """Scoring generated text against the toy-world scene it should describe.
 
-* :func:`caption_scores` -- caption attribute accuracy. For colour, shape, size and position the
-  attribute words a caption names (read back with :func:`anisogen.toyworld.mentioned_attributes`) are
-  compared with the scene's true set: the per-caption score is F1 = 2|M∩T| / (|M| + |T|) (0 when the
-  caption names none), so a caption is rewarded for naming the scene's attributes and penalised for
-  naming absent ones. ``count`` is 1 when the caption states the true object count ("two", "a single",
-  ...), else 0. ``mean`` is the mean of the five attributes. ``precision`` (words named that are true /
-  words named) is reported alongside as the hallucination measure.
+* :func:`caption_scores` -- caption attribute accuracy. The attribute words a caption names (read back
+  with :func:`anisogen.toyworld.mentioned_attributes`) are compared with the scene's true sets.
+
+  - ``accuracy`` (the headline, per caption): the mean, over the attribute kinds the caption *names*
+    (colour, shape, size, position, background, count), of its score on that kind: F1 = 2|M∩T| /
+    (|M| + |T|) for the word sets, exact match for the background and the stated count. A caption that
+    names nothing scores 0. The corpus mixes caption styles (a terse caption never names a position, a
+    ``count`` caption states the count), so the style a captioner picks is not held against it, while
+    every claim it makes is checked and naming too few or too many objects lowers the F1. The
+    reference captions themselves score ≈ 1.0 (a perfect captioner).
+  - per kind (``color``, ``shape``, ``size``, ``position``, ``count``): the *completeness* score of the
+    earlier version, averaged over all captions (0 when the caption does not name that kind), so a
+    style that omits a kind lowers it; ``mean`` is their mean. Kept as a secondary column.
+  - ``precision`` (words named that are true / words named) is the hallucination measure.
 * :func:`qa_correct` -- whether a generated short answer matches the canonical answer of an
   instruction record (colour, shape, position, size, background, count, yes/no).
 * :func:`pope_scores` -- accuracy, precision, recall and F1 (positive class "yes", as in POPE) and the
@@ -37,23 +44,32 @@ def _f1(found: set, truth: set) -> float:
 def caption_scores(generated: Sequence[str], scenes: Sequence[Scene]) -> dict:
     """Attribute accuracy of ``generated`` captions against their ``scenes`` (see module doc).
 
-    Returns ``{attr: mean score}`` for each of :data:`CAPTION_ATTRIBUTES`, ``mean``, ``precision`` and
-    ``n``; per-caption scores are in ``per_sample`` (list of dicts).
+    Returns ``accuracy``, ``{attr: completeness}`` for each of :data:`CAPTION_ATTRIBUTES`, their
+    ``mean``, ``precision`` and ``n``; per-caption scores are in ``per_sample`` (list of dicts, each with
+    ``accuracy`` and the per-kind scores).
     """
     if len(generated) != len(scenes):
         raise ValueError(f"{len(generated)} captions for {len(scenes)} scenes")
     per, named, true_named = [], 0, 0
     for text, scene in zip(generated, scenes):
         m = mentioned_attributes(text)
-        row = {}
+        row, claims = {}, []
         for attr, (mkey, okey) in _SET_KEYS.items():
             truth = {getattr(o, okey) for o in scene.objects}
             row[attr] = _f1(m[mkey], truth)
+            if m[mkey]:
+                claims.append(row[attr])
             named += len(m[mkey])
             true_named += len(m[mkey] & truth)
         row["count"] = float(m["count"] is not None and m["count"] == scene.n_objects)
+        if m["count"] is not None:
+            claims.append(row["count"])
+        if m["background"] is not None:
+            claims.append(float(m["background"] == scene.background))
+        row["accuracy"] = float(np.mean(claims)) if claims else 0.0
         per.append(row)
-    out = {a: float(np.mean([r[a] for r in per])) if per else float("nan") for a in CAPTION_ATTRIBUTES}
+    out = {"accuracy": float(np.mean([r["accuracy"] for r in per])) if per else float("nan")}
+    out.update({a: float(np.mean([r[a] for r in per])) if per else float("nan") for a in CAPTION_ATTRIBUTES})
     out["mean"] = float(np.mean([out[a] for a in CAPTION_ATTRIBUTES]))
     out["precision"] = true_named / named if named else float("nan")
     out["n"] = len(per)

@@ -34,10 +34,11 @@ def _mean_std(xs) -> dict:
 def run_stage2(cfg: ExperimentConfig, world: World, lm: str, stage1: dict, aligners: dict, log=print) -> dict:
     root = Path(cfg.out_dir) / "stage2"
     name = cfg.stage2_aligner
-    if name not in stage1:
-        raise ValueError(f"stage2_aligner={name!r} was not run in stage 1 (aligners: {list(cfg.aligners)})")
+    if "mllm" not in stage1.get(name, {}):
+        raise ValueError(f"stage2_aligner={name!r} has no stage-1 captioner run (mllm_conditions: "
+                         f"{list(cfg.mllm_conditions)})")
     al = aligners[name]["aligner"]
-    init = stage1[name]["export_dir"]
+    init = stage1[name]["mllm"]["runs"][0]["export_dir"]  # the first stage-1 seed
     sub = al.transform(world.instruction_text_emb).astype(np.float32)
     jsonl, npy = write_instruction_data(root / "data", world.instruction_records, sub)
     eval_emb = al.transform_image(world.eval_emb).astype(np.float32)

@@ -1,7 +1,9 @@
 """A tiny LM pretrained on toy-world text, so that it has a "text space" to anchor to.
 
-The model is :func:`anisogen.train.tiny.build_tiny_lm` (byte-level tokenizer, Llama blocks), trained
-from scratch on *text only*, in exactly the layouts the later stages use, alternating batch by batch:
+The model is :func:`anisogen.train.tiny.build_tiny_lm` (Llama blocks) with a byte-level BPE tokenizer
+whose merges are learned on the same pretraining text (so a toy-world word is mostly one token and a
+caption about 16 tokens instead of 65 bytes), trained from scratch on *text only*, in exactly the
+layouts the later stages use, alternating batch by batch:
 
 * captions of the text corpus in the stage-1 ``plain`` layout ``<s> <image> caption <|im_end|>``;
 * single-turn instruction conversations of the stage-2 scenes in the ``hf_chat`` (ChatML) layout.
@@ -45,14 +47,15 @@ def pretraining_texts(tok, captions, instruction_records) -> tuple[list[str], li
 
 def pretrain_tiny_lm(out_dir, captions, caption_emb, instruction_records, instruction_emb, *, hidden: int,
                      layers: int, heads: int, steps: int, batch_size: int, lr: float, seed: int, max_len: int = 160,
-                     log=print) -> dict:
+                     vocab_size: int = 1024, log=print) -> dict:
     """Train and save the tiny LM to ``out_dir``; returns a summary (losses, seconds, parameter count).
 
     ``caption_emb`` (N, d): CLIP text embeddings of ``captions``; ``instruction_emb`` (S, d): text
     embedding of each instruction scene (rows referenced by ``record["scene"]``). Deterministic in
     ``seed``. An existing ``out_dir`` trained with the same settings is reused."""
     out = Path(out_dir)
-    settings = {"format": "text-slot/1", "hidden": hidden, "layers": layers, "heads": heads, "steps": steps,
+    settings = {"format": "text-slot/2", "vocab_size": vocab_size, "hidden": hidden, "layers": layers, "heads": heads,
+                "steps": steps,
                 "batch_size": batch_size, "lr": lr, "seed": seed, "max_len": max_len, "n_captions": len(captions),
                 "n_conversations": len(instruction_records)}
     done = out / "pretrain_summary.json"
@@ -64,11 +67,11 @@ def pretrain_tiny_lm(out_dir, captions, caption_emb, instruction_records, instru
     if len(caption_emb) != len(captions):
         raise ValueError(f"{len(captions)} captions for {len(caption_emb)} caption embeddings")
     t0 = time.perf_counter()
-    tok = build_tiny_tokenizer()
+    caps, chats = pretraining_texts(build_tiny_tokenizer(), captions, instruction_records)
+    tok = build_tiny_tokenizer(train_texts=caps + chats, vocab_size=vocab_size)
     image_id = tok.convert_tokens_to_ids(IMAGE)
     lm = build_tiny_lm(len(tok), hidden_size=hidden, num_layers=layers, num_heads=heads,
                        intermediate_size=2 * hidden, seed=seed, tokenizer=tok)
-    caps, chats = pretraining_texts(tok, captions, instruction_records)
     enc = lambda texts: [tok(t, add_special_tokens=False)["input_ids"][:max_len] for t in texts]  # noqa: E731
     pools = [enc(caps), enc(chats)]
     vecs = [torch.as_tensor(np.asarray(caption_emb), dtype=torch.float32),

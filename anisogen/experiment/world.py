@@ -48,6 +48,7 @@ class World:
     eval_text_emb: np.ndarray  # (n_eval, d) text embeddings of the held-out captions (probe retrieval queries)
     novel_scenes: list[Scene]  # novel split: colour-shape pairs never in the train split
     novel_emb: np.ndarray  # (n_novel, d) real image embeddings of the novel scenes
+    novel_captions: list[str]  # reference captions of the novel scenes (caption loss only)
     clip_fingerprint: str
 
     @property
@@ -115,6 +116,7 @@ def build_world(cfg: ExperimentConfig, log=print) -> World:
     eval_text_emb = _cached(data / "heldout_text_emb.npy", lambda: encode_captions(model, tok, eval_caps))
     novel_scenes = sample_scenes(cfg.n_novel, "novel", seed) if cfg.n_novel else []
     novel_emb = _cached(data / "novel_image_emb.npy", lambda: encode_pixels(model, render_array(novel_scenes)))
+    novel_caps = [caption(s, STYLES[i % len(STYLES)], seed=seed).text for i, s in enumerate(novel_scenes)]
 
     instr = []
     for i, s in enumerate(instr_scenes):
@@ -133,4 +135,4 @@ def build_world(cfg: ExperimentConfig, log=print) -> World:
                  unpaired_image_emb=unpaired, instruction_texts=instr_texts, instruction_text_emb=instr_emb,
                  instruction_records=instr, eval_scenes=eval_scenes, eval_captions=eval_caps, eval_emb=eval_emb,
                  qa_records=qa, eval_text_emb=eval_text_emb, novel_scenes=novel_scenes, novel_emb=novel_emb,
-                 clip_fingerprint=model.anisogen_fingerprint)
+                 novel_captions=novel_caps, clip_fingerprint=model.anisogen_fingerprint)

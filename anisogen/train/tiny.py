@@ -21,13 +21,17 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_tokenizer(*, pad_is_eos: bool = False):
+def build_tiny_tokenizer(*, pad_is_eos: bool = False, train_texts=None, vocab_size: int = 1024):
     """Return a ``PreTrainedTokenizerFast``: byte-level, no merges, vocab 256 + 7 specials.
 
     ``pad_is_eos=True`` makes the pad token equal to EOS (the case that breaks collators which derive
     the attention mask from ``input_ids != pad_id``); used to test that ours does not.
+
+    ``train_texts`` (an iterable of strings): learn byte-level BPE merges on them with the
+    ``tokenizers`` trainer, up to ``vocab_size`` entries (specials and the 256 bytes included), so
+    frequent words become single tokens while any text still round-trips. Deterministic in the texts.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -36,6 +40,14 @@ def build_tiny_tokenizer(*, pad_is_eos: bool = False):
         vocab[ch] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if train_texts is not None:
+        if vocab_size < len(vocab):
+            raise ValueError(f"vocab_size={vocab_size} is below the {len(vocab)} specials and bytes")
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(TINY_SPECIAL_TOKENS),
+                                      initial_alphabet=alphabet, show_progress=False)
+        tok.train_from_iterator(list(train_texts), trainer=trainer)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(TINY_SPECIAL_TOKENS)
     wrapped = PreTrainedTokenizerFast(
