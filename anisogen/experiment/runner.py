@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ExperimentConfig
+from .goals import evaluate_goals
 from .report import README_BEGIN, README_END, render_headline, render_report
 from .stage1 import fit_aligners, reference_accuracy, run_stage1
 from .stage2 import run_stage2
@@ -104,13 +105,14 @@ def run_experiment(cfg: ExperimentConfig, *, doc_path: str | None = None, readme
 def write_report(res: dict, doc_path: str, readme_path: str | None = None) -> None:
     """Write the report to ``doc_path``; with ``readme_path``, also replace the generated headline block
     of that README (between :data:`README_BEGIN` and :data:`README_END`)."""
-    _atomic_write(Path(doc_path), render_report(res))
+    goals = evaluate_goals(res)  # bootstraps: once for both documents
+    _atomic_write(Path(doc_path), render_report(res, goals))
     if readme_path:
         path = Path(readme_path)
         text = check_readme(path)
         head, rest = text.split(README_BEGIN, 1)
         _, tail = rest.split(README_END, 1)
-        _atomic_write(path, head + README_BEGIN + "\n" + render_headline(res) + README_END + tail)
+        _atomic_write(path, head + README_BEGIN + "\n" + render_headline(res, goals) + README_END + tail)
 
 
 def check_readme(path) -> str:

@@ -3,7 +3,6 @@ export; and the two evaluations every run gets (captions, instruction QA + POPE)
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -42,6 +41,8 @@ def write_instruction_data(folder: Path, records, emb: np.ndarray) -> tuple[str,
 def _fingerprint(*paths) -> str:
     """SHA-256 over the bytes of the given files / folders (recursively, sorted); strings that are not
     paths (a model name) are hashed as text."""
+    from ..shards.writer import file_sha256
+
     h = hashlib.sha256()
     for p in paths:
         if p is None:
@@ -51,9 +52,7 @@ def _fingerprint(*paths) -> str:
         h.update(str(p.name if files else p).encode())
         for f in files:
             h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+            h.update(file_sha256(f).encode())
     return h.hexdigest()
 
 
@@ -76,7 +75,7 @@ def train_run(output_dir: Path, *, lm: str, train_jsonl: str, emb_npy: str, temp
         post=list(post), progress=False, report_to="none",
         image_prefix="bos",  # the tiny LM was pretrained on "<s> <image> caption" (textlm.py): same layout
     )
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "output_dir"}
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "output_dir"}
     key = {"settings": settings, "inputs": _fingerprint(lm, train_jsonl, emb_npy, init_from)}
     record = Path(output_dir) / "experiment_run.json"
     if record.is_file():

@@ -67,6 +67,11 @@ def corpus_captions(scenes: list[Scene], seed: int) -> list[str]:
     return [caption(s, STYLES[int(k)], seed=seed).text for s, k in zip(scenes, styles)]
 
 
+def reference_captions(scenes: list[Scene], seed: int) -> list[str]:
+    """One caption per evaluation scene, the styles cycling in order (references, never trained on)."""
+    return [caption(s, STYLES[i % len(STYLES)], seed=seed).text for i, s in enumerate(scenes)]
+
+
 def _cached(path: Path, compute) -> np.ndarray:
     if path.is_file():
         return np.load(path, allow_pickle=False)
@@ -102,7 +107,7 @@ def build_world(cfg: ExperimentConfig, log=print) -> World:
     caps = corpus_captions(text_scenes, seed)
     img_scenes = sample_scenes(cfg.n_unpaired_images, "train", seed, stream=IMAGE_STREAM)
     eval_scenes = sample_scenes(cfg.n_eval, "heldout", seed)
-    eval_caps = [caption(s, STYLES[i % len(STYLES)], seed=seed).text for i, s in enumerate(eval_scenes)]
+    eval_caps = reference_captions(eval_scenes, seed)
     instr_scenes = text_scenes[:cfg.n_instruction_scenes]
     instr_texts = [caption(s, "descriptive", seed=seed).text for s in instr_scenes]
 
@@ -116,7 +121,7 @@ def build_world(cfg: ExperimentConfig, log=print) -> World:
     eval_text_emb = _cached(data / "heldout_text_emb.npy", lambda: encode_captions(model, tok, eval_caps))
     novel_scenes = sample_scenes(cfg.n_novel, "novel", seed) if cfg.n_novel else []
     novel_emb = _cached(data / "novel_image_emb.npy", lambda: encode_pixels(model, render_array(novel_scenes)))
-    novel_caps = [caption(s, STYLES[i % len(STYLES)], seed=seed).text for i, s in enumerate(novel_scenes)]
+    novel_caps = reference_captions(novel_scenes, seed)
 
     instr = []
     for i, s in enumerate(instr_scenes):
