@@ -42,51 +42,13 @@ SUITE_START=$(date +%s)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
 # ---------------------------------------------------------------- interpreter and packages
-HAS_CUDA='import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
-pick_python() {
-    if [[ -n "${PYTHON:-}" ]]; then echo "$PYTHON"; return; fi
-    if [[ -x .venv/bin/python ]] && .venv/bin/python -c "$HAS_CUDA" 2>/dev/null; then
-        echo "$REPO/.venv/bin/python"; return
-    fi
-    command -v python3
-}
+source benchmarks/gpu_suite_lib.sh
 PY=$(pick_python)
 echo "[suite] python: $PY"
-if [[ "${ALLOW_CPU:-0}" != 1 ]] && ! "$PY" -c "$HAS_CUDA"; then
-    TORCH=$("$PY" -c 'import torch; print(torch.__version__)' 2>&1 | tail -1)
-    echo "[suite] ERROR: $PY lacks torch or torch sees no CUDA device (torch: $TORCH)." >&2
-    echo "[suite] This suite needs a GPU. On a CPU, run instead:" >&2
-    echo "[suite]   python benchmarks/train_throughput.py --models tiny --num-processes 1 --steps 3" >&2
-    exit 2
-fi
-
-missing() { "$PY" - "$@" <<'EOF'
-import importlib.util, sys
-print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
-EOF
-}
-NEED=$(missing webdataset braceexpand)
-if [[ -n "$NEED" ]]; then
-    SITE=${TMPDIR:-/tmp}/anisogen_site
-    wheels=()
-    for m in $NEED; do
-        for w in .whl/"$m"-*.whl; do
-            if [[ -f "$w" ]]; then wheels+=("$w"); fi
-        done
-    done
-    if [[ ${#wheels[@]} -gt 0 ]]; then
-        echo "[suite] installing ${wheels[*]} into $SITE"
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}"
-        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-    fi
-fi
+require_cuda "python benchmarks/train_throughput.py --models tiny --num-processes 1 --steps 3"
+install_missing_wheels webdataset braceexpand
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-NEED=$(missing torch transformers accelerate tokenizers safetensors yaml numpy webdataset braceexpand)
-if [[ -n "$NEED" ]]; then
-    echo "[suite] ERROR: missing Python packages: $NEED" >&2
-    echo "[suite] carry wheels in .whl/ (see the header of this script), or set PYTHON to an interpreter that has them" >&2
-    exit 2
-fi
+require_modules torch transformers accelerate tokenizers safetensors yaml numpy webdataset braceexpand
 "$PY" - <<'EOF'
 import accelerate, torch, transformers
 gpu = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}" if torch.cuda.is_available() else "none"

@@ -47,10 +47,7 @@ def _rank_main(cfg_dict, rank, world, port, fault):
             os.environ.pop("ANISOGEN_FAULT", None)
         from accelerate.state import PartialState
 
-        from anisogen.generate import task as task_mod
-
         PartialState._reset_state()
-        task_mod._FAULTS = None
         torch.set_num_threads(1)
         generate(GenerateConfig(**cfg_dict))
     except BaseException:
@@ -160,3 +157,47 @@ def test_kill_during_fit_pass_then_resume(setup, monkeypatch):
         tmp / "fitref" / "aligner" / "tensors.safetensors").read_bytes()
     assert shard_bytes(out) == shard_bytes(tmp / "fitref")
     assert not (out / "fit").exists()
+
+
+def _kill_with_queued_shards(cfg_dict):
+    """One process whose writer is slowed down (10 ms per sample) and which SIGKILLs itself as soon as
+    the main thread hands a shard to the writer while another one is still waiting (``queued``)."""
+    def on_event(event: str) -> None:
+        if event == "sample":
+            time.sleep(0.01)
+        elif event == "queued":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    try:
+        for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "ANISOGEN_FAULT"):
+            os.environ.pop(k, None)
+        from accelerate.state import PartialState
+
+        PartialState._reset_state()
+        torch.set_num_threads(1)
+        generate(GenerateConfig(**cfg_dict), on_event=on_event)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def test_sigkill_with_shards_queued_for_the_writer_then_resume(setup):
+    tmp, expected = setup
+    out = tmp / "queued"
+    cfg = make_config(tmp, tmp / "corpus.jsonl", tmp / "img.npy", out="queued", samples_per_shard=SPS)
+    proc = mp.get_context("fork").Process(target=_kill_with_queued_shards, args=(asdict(cfg),))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == -signal.SIGKILL
+    published = _published_are_intact(out)
+    assert published < 24  # the shards still in the writer's queue were lost with the process
+    with pytest.raises(IncompleteRunError):
+        load_manifest(out)
+    s = generate(cfg)
+    assert s["status"] == "complete" and s["this_run"]["shards"] == 24 - published
+    keys = [k["key"] for k in iter_samples(out)]
+    assert keys == [make_key(r // SPS, r % SPS) for r in range(240) if r not in expected]
+    assert shard_bytes(out) == shard_bytes(tmp / "ref")
+    assert manifest_core(out) == manifest_core(tmp / "ref")
+    assert not list(out.glob("*.tmp")) and not list((out / "records").glob("*.tmp"))

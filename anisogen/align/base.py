@@ -25,7 +25,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -33,6 +33,11 @@ from safetensors.numpy import load_file, save_file
 from .. import __version__
 from ..embeddings import check_embeddings, iter_chunks, l2_normalize
 from ..stats import MeanAccumulator, Moments, Reducer
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .device import DeviceTransform
 
 CONFIG_NAME = "config.json"
 TENSORS_NAME = "tensors.safetensors"
@@ -200,6 +205,42 @@ class Aligner(ABC):
             out = l2_normalize(out - self.tensors["mu_hat"] + self.tensors["mu_image"])
         return out
 
+    # ------------------------------------------------------------------- applying on a device
+    def device_transform(self, device="cpu", *, block: int | None = None) -> "DeviceTransform":
+        """This aligner's transform as float32 torch on ``device`` (:class:`anisogen.align.device.DeviceTransform`).
+
+        The fitted tensors are moved there once; calling the result maps (n, d) float32 unit text embeddings
+        already on ``device`` to (n, d) float32 unit substitutes on ``device``, in fixed-shape zero-padded
+        blocks of ``block`` rows (default :meth:`_default_device_block`), so that a row's bits do not depend
+        on its batch. Each row agrees with :meth:`transform` (the float64 reference) to a cosine >= 1 - 1e-6.
+        """
+        from .device import DeviceTransform
+
+        return DeviceTransform(self, device, block=block)
+
+    def _default_device_block(self) -> int:
+        """Rows per fixed-shape block of :meth:`device_transform` when none is given."""
+        from .device import DEFAULT_BLOCK
+
+        return DEFAULT_BLOCK
+
+    def _device_tensors(self, device: "torch.device") -> dict[str, "torch.Tensor"]:
+        """The fitted state that :meth:`_map_torch` reads, as float32 tensors on ``device`` (built once).
+
+        The default moves every float64 (d,) vector of ``self.tensors`` (``mu_text``, ``mu_image``, ...);
+        aligners needing more override it.
+        """
+        return {key: _to_device32(value, device) for key, value in self.tensors.items()
+                if np.ndim(value) == 1 and np.shape(value)[0] == self.dim}
+
+    def _map_torch(self, text: "torch.Tensor", tensors: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+        """The float32 torch mirror of :meth:`_map` on one (block, d) block on the device.
+
+        Must be row-wise (zero rows pad the last block) and must not leave the device except where
+        documented (C3's noise). The final normalisation and calibration are the caller's.
+        """
+        raise NotImplementedError(f"aligner {self.name!r} has no device path")
+
     def transform_image(self, image, *, normalize: bool = False) -> np.ndarray:
         """Image-side preprocessing at inference (N, d) -> float32 unit (N, d). Identity by default."""
         self._require_fitted()
@@ -250,6 +291,13 @@ class Aligner(ABC):
         self.fit_counts = dict(config.get("fit_counts", {}))
         self.tensors = dict(tensors)
         self.history = dict(history)
+
+
+def _to_device32(value, device) -> "torch.Tensor":
+    """A float64 NumPy array as a contiguous float32 tensor on ``device`` (rounded once, from float64)."""
+    import torch
+
+    return torch.as_tensor(np.asarray(value, dtype=np.float64)).to(dtype=torch.float32, device=device).contiguous()
 
 
 def fit_aligner(

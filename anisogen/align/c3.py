@@ -11,6 +11,11 @@ z = Norm(y - mu_t + mu_i + sigma * eps), eps ~ N(0, I_d).
 Noise is deterministic per row: it is drawn from a generator seeded by (aligner seed, a hash of the
 row's float64 bytes), so the same text embedding always receives the same noise, whatever the batch,
 the process or the run.
+
+On a device (:meth:`~anisogen.align.Aligner.device_transform`) that noise is the one host step of any
+aligner: each block is copied to the host, ``row_noise`` is drawn there with NumPy's PCG64 and the
+float32 noise is added back on the device. The definition is kept so that published baseline numbers
+stay reproducible; C3 is a baseline, not a production path.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import torch
 
 from ..embeddings import l2_normalize
-from .base import Aligner, FitContext, register_aligner
+from .base import Aligner, FitContext, _to_device32, register_aligner
 
 #: sigma of the original C3 / CapDec recipe (noise variance 0.016 per dimension).
 C3_ORIGINAL_SIGMA = float(np.sqrt(0.016))
@@ -91,3 +97,25 @@ class C3Aligner(Aligner):
         if sigma == 0.0:
             return anchored
         return anchored + sigma * row_noise(text, self.seed)
+
+    def _device_tensors(self, device) -> dict:
+        return {"shift": _to_device32(self.tensors["mu_image"] - self.tensors["mu_text"], device),
+                "sigma": float(self.tensors["sigma"][0]), "seed": int(self.seed)}
+
+    def _map_torch(self, text, tensors):
+        """Anchor on the device; the noise is the one host step (module docstring of :mod:`..device`).
+
+        The block goes to the host, ``row_noise`` is drawn there from each row's float64 bytes (the float32
+        rows widened exactly, so the keys are those of ``transform`` on the same rows), and sigma * noise
+        comes back as float32. All-zero rows are the block's padding (real rows have unit norm): no noise.
+        """
+        anchored = text + tensors["shift"]
+        sigma = tensors["sigma"]
+        if sigma == 0.0:
+            return anchored
+        rows = text.cpu().numpy().astype(np.float64)
+        noise = np.zeros_like(rows)
+        real = np.flatnonzero(np.any(rows != 0.0, axis=1))
+        if real.size:
+            noise[real] = sigma * row_noise(rows[real], tensors["seed"])
+        return anchored + torch.from_numpy(noise.astype(np.float32)).to(text.device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Aligner, FitContext, register_aligner
+from .base import Aligner, FitContext, _to_device32, register_aligner
 
 
 @register_aligner
@@ -20,3 +20,9 @@ class CentroidAligner(Aligner):
 
     def _map(self, text: np.ndarray) -> np.ndarray:
         return text - self.tensors["mu_text"] + self.tensors["mu_image"]
+
+    def _device_tensors(self, device) -> dict:
+        return {"shift": _to_device32(self.tensors["mu_image"] - self.tensors["mu_text"], device)}
+
+    def _map_torch(self, text, tensors):
+        return text + tensors["shift"]

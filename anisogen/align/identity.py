@@ -19,3 +19,9 @@ class IdentityAligner(Aligner):
 
     def _map(self, text: np.ndarray) -> np.ndarray:
         return text
+
+    def _device_tensors(self, device) -> dict:
+        return {}
+
+    def _map_torch(self, text, tensors):
+        return text

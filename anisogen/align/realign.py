@@ -12,8 +12,9 @@ Images are untouched.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from .base import Aligner, FitContext, register_aligner
+from .base import Aligner, FitContext, _to_device32, register_aligner
 
 
 @register_aligner
@@ -35,3 +36,12 @@ class ReAlignAligner(Aligner):
 
     def _map(self, text: np.ndarray) -> np.ndarray:
         return self.tensors["mu_image"] + self.tensors["scale"][0] * (text - self.tensors["mu_text"])
+
+    def _device_tensors(self, device) -> dict:
+        # mu_i + s (y - mu_t) = s y + (mu_i - s mu_t): the offset is formed in float64
+        scale = float(self.tensors["scale"][0])
+        return {"scale": _to_device32([scale], device),
+                "offset": _to_device32(self.tensors["mu_image"] - scale * self.tensors["mu_text"], device)}
+
+    def _map_torch(self, text, tensors):
+        return torch.addcmul(tensors["offset"], text, tensors["scale"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..embeddings import l2_normalize
-from .base import Aligner, FitContext, register_aligner
+from .base import Aligner, FitContext, _to_device32, register_aligner
 
 
 @register_aligner
@@ -30,6 +30,12 @@ class UnicornAligner(Aligner):
 
     def _map(self, text: np.ndarray) -> np.ndarray:
         return text - self.tensors["mu_text"]
+
+    def _device_tensors(self, device) -> dict:
+        return {"mu_text": _to_device32(self.tensors["mu_text"], device)}
+
+    def _map_torch(self, text, tensors):
+        return text - tensors["mu_text"]
 
     def transform_image(self, image, *, normalize: bool = False) -> np.ndarray:
         """x' = Norm(x - mu_i): the image side of Unicorn at inference. (N, d) -> float32 unit (N, d)."""

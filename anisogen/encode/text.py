@@ -577,7 +577,15 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode_tokenized(self, tok: Tokenized, stats: EncodeStats | None = None) -> np.ndarray:
-        """float32 (N, d) embeddings of tokenised texts, in input order (bucketed internally)."""
+        """float32 (N, d) embeddings of tokenised texts, in input order (bucketed internally), on the host."""
+        return self.encode_tokenized_tensor(tok, stats).cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_tokenized_tensor(self, tok: Tokenized, stats: EncodeStats | None = None) -> torch.Tensor:
+        """Like :meth:`encode_tokenized`, but the float32 (N, d) result stays on the encoder's device.
+
+        On CUDA the call returns once the kernels are queued: ``stats.encode_s`` is then host time.
+        """
         t0 = time.perf_counter()
         n = len(tok)
         out: torch.Tensor | None = None
@@ -591,7 +599,7 @@ class TextEncoder:
             if stats is not None:
                 stats.batches += 1
                 stats.padded_tokens += len(index) * self.context_length
-        result = out.cpu().numpy() if out is not None else np.zeros((0, self.embed_dim), np.float32)
+        result = out if out is not None else torch.zeros((0, self.embed_dim), dtype=torch.float32, device=self.device)
         if stats is not None:
             stats.texts += n
             stats.tokens += int(tok.lengths.sum())

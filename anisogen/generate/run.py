@@ -15,8 +15,9 @@ Stages (every process runs the same code; "main" = local process 0 of the accele
    barrier, and every process loads the saved artifact. Gathering the sample (instead of all-reducing
    moments) makes the aligner bit-identical for any number of processes and also serves aligners that
    train on the sample itself (AnisoAlign).
-5. **generate**: the tasks of this process (``rank::world``) not already published are prepared in
-   DataLoader workers and finished (encode, align, write, record) in the main thread.
+5. **generate**: the tasks of this process (``rank::world``) not already published go to an executor
+   (:mod:`.executors`): prepared in DataLoader workers, encoded, aligned and cast on the device in the main
+   thread, and written (tar, record) by a background writer thread; or one Ray task per shard.
 6. **finalize**: barrier; main assembles ``rejects.jsonl``, ``sizes.json`` and a ``"complete"``
    manifest once every task has a record (with Slurm arrays the last worker to finish does it).
 """
@@ -32,25 +33,28 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from ..encode.corpus import Corpus, Record, Reject, find_duplicates, sample_rows
-from ..encode.text import ClipTokenizer, TextEncoder
+from ..encode.corpus import Corpus, Record, find_duplicates, sample_rows
+from ..encode.text import TextEncoder
 from ..shards import writer
 from ..shards.schema import (
     ALIGNER_DIRNAME, MANIFEST_NAME, RECORDS_DIRNAME, REJECTS_NAME, SHARD_GLOB, SIZES_NAME, fingerprint, npy_bytes,
 )
 from .config import GenerateConfig
-from .task import fault, Prepared, Task, TaskInputs, TaskOutputs, assign, finish_task, plan_tasks, prepare_records, prepare_task
+from .context import DEDUP_NAME, ContextFactory, build_context, is_pending, make_encoder, open_corpus
+from .faults import FaultInjector, OnEvent, no_event
+from .task import assign, plan_tasks
 
 logger = logging.getLogger("anisogen.generate")
 
-DEDUP_NAME = "dedup.npz"
 FIT_DIRNAME = "fit"
 FIT_CHUNK = 4096
+#: How substitutes are computed (part of the fingerprint: runs made by another path are not resumed).
+ALIGN_PATH = "device-fp32-block"
 
 
 class ConfigMismatch(RuntimeError):
@@ -144,6 +148,7 @@ def resolve(cfg: GenerateConfig, corpus: Corpus, model_fingerprint: str, encoder
     out["device_type"] = encoder.device.type
     out["trimmed"] = encoder.trimmed
     out["pad_multiple"] = encoder.pad_multiple
+    out["align_path"] = ALIGN_PATH
     out.pop("images")
     out.pop("aligner_dir")
     if cfg.images:
@@ -196,17 +201,10 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     writer.atomic_write_bytes(path, buf.getvalue())
 
 
-def load_duplicates(out: Path) -> dict[int, int]:
-    path = out / DEDUP_NAME
-    if not path.is_file():
-        return {}
-    with np.load(path, allow_pickle=False) as z:
-        return dict(zip(z["rows"].tolist(), z["first"].tolist()))
-
-
 # ---------------------------------------------------------------------------------- aligner fit
 def fit_or_load_aligner(cfg: GenerateConfig, dist: Dist, out: Path, corpus: Corpus, encoder: TextEncoder,
-                        model, preprocess, model_fingerprint: str, *, progress: bool) -> Any:
+                        model, preprocess, model_fingerprint: str, *, progress: bool,
+                        on_event: OnEvent = no_event) -> Any:
     """Stage 4 (see module docstring). Returns the aligner every process loaded from disk."""
     from ..align import fit_aligner, load_aligner
 
@@ -228,7 +226,7 @@ def fit_or_load_aligner(cfg: GenerateConfig, dist: Dist, out: Path, corpus: Corp
         tok = encoder.tokenize([r.text for r in recs])
         emb = encoder.encode_tokenized(tok)
         writer.atomic_write_bytes(path, npy_bytes(emb.astype(np.float32)))
-        fault("fit_chunk")
+        on_event("fit_chunk")
     dist.barrier()
     if dist.is_main and not (art / "config.json").is_file():
         parts = [np.load(fit_dir / f"text-{j:05d}.npy", allow_pickle=False) for j in range(len(chunks))]
@@ -261,58 +259,7 @@ def fit_or_load_aligner(cfg: GenerateConfig, dist: Dist, out: Path, corpus: Corp
     return load_aligner(art, model_fingerprint=model_fingerprint)
 
 
-# ----------------------------------------------------------------------------------- executors
-class _TaskData(torch.utils.data.Dataset):
-    """Map-style dataset over pending tasks; item = :class:`Prepared` (made in a DataLoader worker)."""
-
-    def __init__(self, inputs: TaskInputs, tasks: list[Task]):
-        self.inputs, self.tasks = inputs, tasks
-
-    def __len__(self):
-        return len(self.tasks)
-
-    def __getitem__(self, i):
-        return prepare_task(self.inputs, self.tasks[i])
-
-
-class _StreamTaskData(torch.utils.data.IterableDataset):
-    """Streaming corpora: read sequentially, cut into tasks, prepare this process's pending ones.
-
-    Yields :class:`Prepared` items and finally ``("end", num_rows)``.
-    """
-
-    def __init__(self, inputs: TaskInputs, sps: int, rank: int, world: int, out: str, verify: str):
-        self.inputs, self.sps, self.rank, self.world, self.out, self.verify = inputs, sps, rank, world, out, verify
-
-    def __iter__(self):
-        buf: list = []
-        n = 0
-        task_index = 0
-        for rec in self.inputs.corpus.records():
-            n += 1
-            buf.append(rec)
-            if len(buf) == self.sps:
-                yield from self._emit(task_index, buf)
-                task_index += 1
-                buf = []
-        if buf:
-            yield from self._emit(task_index, buf)
-        yield ("end", n)
-
-    def _emit(self, index: int, recs: list):
-        if index % self.world != self.rank:
-            return
-        if writer.check_published(self.out, index, verify=self.verify) is not None:
-            return
-        writer.remove_temps(self.out, index)
-        start = index * self.sps
-        yield prepare_records(self.inputs, Task(index, start, start + len(recs)), iter(recs))
-
-
-def _first(batch):
-    return batch[0]
-
-
+# ------------------------------------------------------------------------------------ progress
 class _Progress:
     """Main-process tqdm over input rows, advanced from the completion records of all processes."""
 
@@ -348,107 +295,82 @@ class _Progress:
             self.bar.close()
 
 
-def run_accelerate(cfg: GenerateConfig, dist: Dist, out: Path, inputs: TaskInputs, outputs: TaskOutputs,
-                   tasks: list[Task] | None, on_record: Callable[[dict], None]) -> int | None:
-    """Default executor: this process's tasks through a DataLoader (CPU half in workers).
-
-    ``tasks=None`` means a streaming corpus (tasks are discovered while reading). Returns the number of
-    input rows for streaming corpora, else ``None``.
-    """
-    if tasks is not None:
-        mine = assign(tasks, dist.rank, dist.world)
-        pending = []
-        for t in mine:
-            if writer.check_published(out, t.index, verify=cfg.verify) is None:
-                writer.remove_temps(out, t.index)
-                pending.append(t)
-        ds: torch.utils.data.Dataset = _TaskData(inputs, pending)
-        workers = cfg.workers if pending else 0
-    else:
-        ds = _StreamTaskData(inputs, cfg.samples_per_shard, dist.rank, dist.world, str(out), cfg.verify)
-        workers = min(cfg.workers, 1)
-    loader = torch.utils.data.DataLoader(ds, batch_size=1, collate_fn=_first, num_workers=workers,
-                                         prefetch_factor=2 if workers else None)
-    total_rows = None
-    for item in loader:
-        if isinstance(item, tuple):
-            total_rows = int(item[1])
-            continue
-        on_record(finish_task(outputs, item))
-    return total_rows
-
-
-def run_ray(cfg: GenerateConfig, out: Path, tasks: list[Task], header: dict, on_record: Callable[[dict], None]) -> None:
-    """``--executor ray``: one Ray task per pending shard, retried on failure, same task function."""
-    from .ray_executor import run_ray_tasks
-
-    pending = [t for t in tasks if writer.check_published(out, t.index, verify=cfg.verify) is None]
-    run_ray_tasks(cfg, pending, header["model_fingerprint"], on_record)
-
-
-# ------------------------------------------------------------------------------------ contexts
-def build_context(cfg: GenerateConfig, device: torch.device, *, out: Path, model_bundle=None, aligner=None):
-    """Everything the task function needs: ``(inputs, outputs, model, preprocess, fingerprint, corpus)``.
-
-    Loads what is not given: the model (:func:`load_clip`), the aligner (``--aligner-dir`` or
-    ``OUT/aligner``) and the duplicate map (``OUT/dedup.npz``). Used by every executor's workers.
-    """
-    from ..encode.clip import load_clip
-
-    if model_bundle is None:
-        model_bundle = load_clip(cfg.model, cfg.pretrained, device=device)
-    model, preprocess, tokenizer = model_bundle
-    fp = model.anisogen_fingerprint
-    corpus = Corpus(cfg.corpus, text_field=cfg.text_field, id_field=cfg.id_field, limit=cfg.limit,
-                    streaming=cfg.streaming, split=cfg.split, hub_config=cfg.hub_config, cache_dir=cfg.cache_dir)
-    encoder = TextEncoder(model, tokenizer, device=device, batch_size=cfg.batch_size, bucket_window=cfg.bucket_window,
-                          precision=cfg.precision, compile=cfg.compile, pad_multiple=cfg.pad_multiple)
-    if aligner is None:
-        from ..align import load_aligner
-
-        aligner = load_aligner(cfg.aligner_dir or out / ALIGNER_DIRNAME, model_fingerprint=fp)
-    inputs = TaskInputs(corpus, encoder.tokenizer, load_duplicates(out))
-    outputs = TaskOutputs(str(out), encoder, aligner, fp, cfg.dtype, cfg.keep_source)
-    return inputs, outputs, model, preprocess, fp, corpus
-
-
 # ---------------------------------------------------------------------------------------- main
-def generate(cfg: GenerateConfig, *, dist: Dist | None = None) -> dict[str, Any]:
-    """Run (or resume) a generation; returns the summary dict (also printed on the main process)."""
-    from ..encode.clip import load_clip
+# ---------------------------------------------------------------------------------------- main
+@dataclass
+class _Run:
+    """What the steps of one :func:`generate` call share."""
 
+    cfg: GenerateConfig
+    dist: Dist
+    out: Path
+    on_event: OnEvent
+    progress: bool
+    bundle: Any = None
+    encoder: TextEncoder | None = None
+    corpus: Corpus | None = None
+    header: dict | None = None
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.bundle[0].anisogen_fingerprint
+
+
+def generate(cfg: GenerateConfig, *, dist: Dist | None = None, on_event: OnEvent | None = None) -> dict[str, Any]:
+    """Run (or resume) a generation; returns the summary dict (also printed on the main process).
+
+    ``on_event`` receives the crash-test points of :mod:`.faults`; by default the ``ANISOGEN_FAULT``
+    injector (inactive unless that variable is set).
+    """
     cfg.validate()
     t_start = time.perf_counter()
     dist = dist or Dist.from_accelerate(cfg)
+    run = _Run(cfg, dist, Path(cfg.out), on_event or FaultInjector.from_env(), cfg.progress and dist.is_main)
     threads = _set_threads(cfg, dist)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    progress = cfg.progress and dist.is_main
+    run.out.mkdir(parents=True, exist_ok=True)
+    _open_inputs(run)
+    _start_or_resume(run)
+    _dedup_scan(run)
+    t_fit = time.perf_counter()
+    aligner = _aligner_step(run)
+    fit_s = time.perf_counter() - t_fit
+    if cfg.fit_only:
+        return _fit_only_summary(run, fit_s)
+    t_gen = time.perf_counter()
+    own = _generate_shards(run, aligner)
+    gen_s = time.perf_counter() - t_gen
+    counts = dist.allreduce_sum(np.array([own["shards"], own["samples"], own["rejects"]], dtype=np.float64))
+    dist.barrier()
+    summary = _finalize(run, counts, threads=threads, gen_s=gen_s, fit_s=fit_s, t_start=t_start) if dist.is_main else {}
+    dist.barrier()
+    return summary
 
-    bundle = load_clip(cfg.model, cfg.pretrained, device=dist.device)
-    model, preprocess, _ = bundle
-    fp = model.anisogen_fingerprint
-    # open the corpus on main first: builds the Arrow cache once
-    encoder = TextEncoder(model, bundle[2], device=dist.device, batch_size=cfg.batch_size,
-                          bucket_window=cfg.bucket_window, precision=cfg.precision, compile=cfg.compile,
-                          pad_multiple=cfg.pad_multiple)
-    corpus = Corpus(cfg.corpus, text_field=cfg.text_field, id_field=cfg.id_field, limit=cfg.limit,
-                    streaming=cfg.streaming, split=cfg.split, hub_config=cfg.hub_config, cache_dir=cfg.cache_dir)
-    with dist.main_first():
-        corpus.dataset()
-        corpus.check_fields()
-    if cfg.executor == "ray" and corpus.streaming:
+
+def _open_inputs(run: _Run) -> None:
+    """Load the model, open the corpus (main process first: it builds the Arrow cache once)."""
+    from ..encode.clip import load_clip
+
+    cfg = run.cfg
+    run.bundle = load_clip(cfg.model, cfg.pretrained, device=run.dist.device)
+    run.encoder = make_encoder(cfg, run.bundle, run.dist.device)
+    run.corpus = open_corpus(cfg)
+    with run.dist.main_first():
+        run.corpus.dataset()
+        run.corpus.check_fields()
+    if cfg.executor == "ray" and run.corpus.streaming:
         raise ValueError("--executor ray needs random access to the corpus: use local files without --streaming")
-    resolved = resolve(cfg, corpus, fp, encoder)
-    config_fp = fingerprint(resolved)
 
-    # -- resume check (read-only everywhere), then main mutates -------------------------------------
+
+def _start_or_resume(run: _Run) -> None:
+    """Resume check (read-only everywhere), then main clears or opens the folder with a "running" manifest."""
+    cfg, dist, out = run.cfg, run.dist, run.out
+    resolved = resolve(cfg, run.corpus, run.model_fingerprint, run.encoder)
     mode = check_resume(cfg, out, resolved)
     dist.barrier()
-    num_rows = corpus.num_rows
-    header = {
-        "config": resolved, "config_fingerprint": config_fp, "model_fingerprint": fp,
-        "aligner": {"name": cfg.aligner, "fingerprint": None}, "dim": encoder.embed_dim, "dtype": cfg.dtype,
+    num_rows = run.corpus.num_rows
+    run.header = {
+        "config": resolved, "config_fingerprint": fingerprint(resolved), "model_fingerprint": run.model_fingerprint,
+        "aligner": {"name": cfg.aligner, "fingerprint": None}, "dim": run.encoder.embed_dim, "dtype": cfg.dtype,
         "keep_source": cfg.keep_source, "samples_per_shard": cfg.samples_per_shard,
         "num_tasks": None if num_rows is None else -(-num_rows // cfg.samples_per_shard),
         "input_rows": num_rows,
@@ -459,38 +381,76 @@ def generate(cfg: GenerateConfig, *, dist: Dist | None = None) -> dict[str, Any]
         if cfg.num_workers == 1:
             writer.remove_temps(out)
         if mode != "resume" or not (out / MANIFEST_NAME).is_file():
-            writer.assemble(out, header, writer.list_records(out), complete=False)
+            writer.assemble(out, run.header, writer.list_records(out), complete=False)
     dist.barrier()
 
-    # -- dedup scan ---------------------------------------------------------------------------------
-    if cfg.dedup:
-        if dist.is_main and not (out / DEDUP_NAME).is_file():
-            rows, first = find_duplicates(corpus, progress=progress)
-            _save_npz(out / DEDUP_NAME, rows=rows, first=first)
-        dist.barrier()
 
-    # -- aligner ------------------------------------------------------------------------------------
-    t_fit = time.perf_counter()
-    aligner = fit_or_load_aligner(cfg, dist, out, corpus, encoder, model, preprocess, fp, progress=progress)
-    fit_s = time.perf_counter() - t_fit
-    aligner_dir = Path(cfg.aligner_dir) if cfg.aligner_dir else out / ALIGNER_DIRNAME
-    header["aligner"] = {"name": aligner.name, "fingerprint": _dir_digest(aligner_dir),
-                         "dir": ALIGNER_DIRNAME if not cfg.aligner_dir else os.path.abspath(cfg.aligner_dir),
-                         "params": aligner.params}
-    if cfg.fit_only:
-        if dist.is_main:
-            writer.assemble(out, header, writer.list_records(out), complete=False)
-            print(f"[anisogen] aligner {aligner.name} ready in {aligner_dir} ({fit_s:.1f}s); "
-                  "rerun without --fit-only to generate", flush=True)
-        return {"fit_only": True, "aligner_dir": str(aligner_dir), "fit_s": fit_s}
+def _dedup_scan(run: _Run) -> None:
+    if not run.cfg.dedup:
+        return
+    if run.dist.is_main and not (run.out / DEDUP_NAME).is_file():
+        rows, first = find_duplicates(run.corpus, progress=run.progress)
+        _save_npz(run.out / DEDUP_NAME, rows=rows, first=first)
+    run.dist.barrier()
 
-    inputs = TaskInputs(corpus, encoder.tokenizer, load_duplicates(out))
-    outputs = TaskOutputs(str(out), encoder, aligner, fp, cfg.dtype, cfg.keep_source)
 
-    # -- generate -------------------------------------------------------------------------------------
-    tasks = None if num_rows is None else plan_tasks(num_rows, cfg.samples_per_shard)
-    bar = _Progress(progress, num_rows, out, cfg.samples_per_shard)
+def _aligner_step(run: _Run):
+    """Fit (or load) the aligner and record it in the header."""
+    cfg = run.cfg
+    model, preprocess, _ = run.bundle
+    aligner = fit_or_load_aligner(cfg, run.dist, run.out, run.corpus, run.encoder, model, preprocess,
+                                  run.model_fingerprint, progress=run.progress, on_event=run.on_event)
+    aligner_dir = Path(cfg.aligner_dir) if cfg.aligner_dir else run.out / ALIGNER_DIRNAME
+    run.header["aligner"] = {"name": aligner.name, "fingerprint": _dir_digest(aligner_dir),
+                             "dir": ALIGNER_DIRNAME if not cfg.aligner_dir else os.path.abspath(cfg.aligner_dir),
+                             "params": aligner.params}
+    return aligner
+
+
+def _fit_only_summary(run: _Run, fit_s: float) -> dict[str, Any]:
+    aligner_dir = Path(run.cfg.aligner_dir) if run.cfg.aligner_dir else run.out / ALIGNER_DIRNAME
+    if run.dist.is_main:
+        writer.assemble(run.out, run.header, writer.list_records(run.out), complete=False)
+        print(f"[anisogen] aligner {run.header['aligner']['name']} ready in {aligner_dir} ({fit_s:.1f}s); "
+              "rerun without --fit-only to generate", flush=True)
+    return {"fit_only": True, "aligner_dir": str(aligner_dir), "fit_s": fit_s}
+
+
+def _generate_shards(run: _Run, aligner) -> dict[str, int]:
+    """Hand this process's pending tasks to the executor; returns this process's counts."""
+    from .executors import StreamPlan, run_local
+
+    cfg, dist, out, header = run.cfg, run.dist, run.out, run.header
+    num_rows = header["input_rows"]
+    bar = _Progress(run.progress, num_rows, out, cfg.samples_per_shard)
     own = {"shards": 0, "samples": 0, "rejects": 0}
+    on_record = _record_callback(run, own, bar)
+    if cfg.executor == "ray":
+        if dist.is_main:
+            from .executors.ray import run_ray
+
+            pending = [t for t in plan_tasks(num_rows, cfg.samples_per_shard) if is_pending(out, t.index, cfg.verify)]
+            run_ray(pending, ContextFactory.for_run(cfg, run.model_fingerprint), on_record, address=cfg.ray_address,
+                    retries=cfg.ray_retries, gpus_per_task=cfg.ray_gpus_per_task,
+                    num_cpus=max(1, min(os.cpu_count() or 1, cfg.workers + 1 if cfg.workers else 2)))
+    else:
+        make_context = lambda: build_context(cfg, dist.device, out=out, bundle=run.bundle, aligner=aligner,  # noqa: E731
+                                             corpus=run.corpus, encoder=run.encoder)
+        if num_rows is None:
+            plan = StreamPlan(cfg.samples_per_shard, dist.rank, dist.world, lambda i: is_pending(out, i, cfg.verify))
+            rows = run_local(None, make_context, on_record, workers=cfg.workers, stream=plan, on_event=run.on_event)
+            header["input_rows"], header["num_tasks"] = rows, -(-rows // cfg.samples_per_shard)
+        else:
+            mine = [t for t in assign(plan_tasks(num_rows, cfg.samples_per_shard), dist.rank, dist.world)
+                    if is_pending(out, t.index, cfg.verify)]
+            run_local(mine, make_context, on_record, workers=cfg.workers, on_event=run.on_event)
+    dist.barrier()
+    bar.close()
+    return own
+
+
+def _record_callback(run: _Run, own: dict, bar: "_Progress") -> Callable[[dict], None]:
+    """``on_record``: count, advance the progress bar, refresh the interim manifest now and then (main)."""
     last_manifest = [time.monotonic()]
 
     def on_record(rec: dict) -> None:
@@ -498,52 +458,38 @@ def generate(cfg: GenerateConfig, *, dist: Dist | None = None) -> dict[str, Any]
         own["samples"] += rec["nsamples"]
         own["rejects"] += rec["rejects"]
         bar.update(extra={"shards": own["shards"], "rejects": own["rejects"]})
-        if dist.is_main and time.monotonic() - last_manifest[0] > cfg.manifest_interval_s:
-            writer.assemble(out, header, writer.list_records(out), complete=False)
+        if run.dist.is_main and time.monotonic() - last_manifest[0] > run.cfg.manifest_interval_s:
+            writer.assemble(run.out, run.header, writer.list_records(run.out), complete=False)
             last_manifest[0] = time.monotonic()
 
-    t_gen = time.perf_counter()
-    if cfg.executor == "ray":
-        if dist.is_main:
-            run_ray(cfg, out, tasks, header, on_record)
-        streamed_rows = None
-    else:
-        streamed_rows = run_accelerate(cfg, dist, out, inputs, outputs, tasks, on_record)
-    gen_s = time.perf_counter() - t_gen
-    if streamed_rows is not None:
-        header["input_rows"] = streamed_rows
-        header["num_tasks"] = -(-streamed_rows // cfg.samples_per_shard)
-    counts = dist.allreduce_sum(np.array([own["shards"], own["samples"], own["rejects"]], dtype=np.float64))
-    dist.barrier()
-    bar.close()
+    return on_record
 
-    # -- finalize -------------------------------------------------------------------------------------
-    summary: dict[str, Any] = {}
-    if dist.is_main:
-        records = writer.list_records(out)
-        missing = [t for t in range(header["num_tasks"]) if t not in records]
-        header["last_run"] = {"world_size": dist.world, "executor": cfg.executor, "threads": threads,
-                              "device": str(dist.device), "wall_s": round(time.perf_counter() - t_start, 3)}
-        manifest = writer.assemble(out, header, records, complete=not missing)
-        if not missing:
-            writer.remove_temps(out)
-        tot = manifest["totals"]
-        summary = {
-            "out": str(out), "status": manifest["status"], "shards": tot["shards"], "num_tasks": header["num_tasks"],
-            "missing_tasks": len(missing), "samples": tot["samples"], "rejects": tot["rejects"],
-            "reject_reasons": tot["reject_reasons"], "truncated": tot["truncated"],
-            "this_run": {"shards": int(counts[0]), "samples": int(counts[1]), "rejects": int(counts[2]),
-                         "generate_s": round(gen_s, 3), "fit_s": round(fit_s, 3),
-                         "samples_per_s": round(counts[1] / gen_s, 1) if gen_s > 0 and counts[1] else 0.0,
-                         "processes": dist.world},
-            "stage_seconds": tot["seconds"],
-            "wall_s": round(time.perf_counter() - t_start, 3),
-        }
-        if cfg.progress:
-            print(format_summary(summary), flush=True)
-    dist.barrier()
+
+def _finalize(run: _Run, counts: np.ndarray, *, threads: int, gen_s: float, fit_s: float, t_start: float) -> dict:
+    """Main: assemble the manifest (complete once every task has a record) and build the summary."""
+    cfg, dist, out, header = run.cfg, run.dist, run.out, run.header
+    records = writer.list_records(out)
+    missing = [t for t in range(header["num_tasks"]) if t not in records]
+    header["last_run"] = {"world_size": dist.world, "executor": cfg.executor, "threads": threads,
+                          "device": str(dist.device), "wall_s": round(time.perf_counter() - t_start, 3)}
+    manifest = writer.assemble(out, header, records, complete=not missing)
+    if not missing:
+        writer.remove_temps(out)
+    tot = manifest["totals"]
+    summary = {
+        "out": str(out), "status": manifest["status"], "shards": tot["shards"], "num_tasks": header["num_tasks"],
+        "missing_tasks": len(missing), "samples": tot["samples"], "rejects": tot["rejects"],
+        "reject_reasons": tot["reject_reasons"], "truncated": tot["truncated"],
+        "this_run": {"shards": int(counts[0]), "samples": int(counts[1]), "rejects": int(counts[2]),
+                     "generate_s": round(gen_s, 3), "fit_s": round(fit_s, 3),
+                     "samples_per_s": round(counts[1] / gen_s, 1) if gen_s > 0 and counts[1] else 0.0,
+                     "processes": dist.world},
+        "stage_seconds": tot["seconds"],
+        "wall_s": round(time.perf_counter() - t_start, 3),
+    }
+    if cfg.progress:
+        print(format_summary(summary), flush=True)
     return summary
-
 
 def format_summary(s: dict[str, Any]) -> str:
     """Human-readable multi-line summary of :func:`generate`'s result."""

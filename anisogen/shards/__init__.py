@@ -3,6 +3,9 @@
 Readers most code needs::
 
     from anisogen.shards import load_manifest, iter_samples, read_embeddings, shard_urls, decode_wds_sample
+
+Writers live in :mod:`.writer`: ``write_task_shard`` (columns of one task -> one shard, the fast path)
+and ``write_shard`` (``schema.sample_members`` dicts), both atomic and byte-identical for the same samples.
 """
 
 from .reader import (

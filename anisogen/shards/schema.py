@@ -166,23 +166,32 @@ def dtype_name(arr: np.ndarray) -> str:
 _NPY_HEADERS: dict[tuple, bytes] = {}
 
 
+def npy_header(dtype: Any, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header (magic, version 1.0, dict, padding) that ``np.save`` writes for an array of
+    ``dtype`` and ``shape`` in C order; the array's raw bytes follow it. Cached per (dtype, shape).
+    """
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    key = (dtype.str, shape)
+    header = _NPY_HEADERS.get(key)
+    if header is None:
+        probe = np.zeros(shape, dtype=dtype)
+        buf = io.BytesIO()
+        np.save(buf, probe, allow_pickle=False)
+        data = buf.getvalue()
+        header = data[: len(data) - probe.nbytes]
+        if len(_NPY_HEADERS) < 64:
+            _NPY_HEADERS[key] = header
+    return header
+
+
 def npy_bytes(arr: np.ndarray) -> bytes:
     """Deterministic ``.npy`` bytes of ``arr`` (numpy format 1.0, C order); exactly what ``np.save`` writes.
 
     The header depends only on dtype and shape and is cached (building it is ~10x the cost of the data).
     """
     arr = np.ascontiguousarray(arr)
-    key = (arr.dtype.str, arr.shape)
-    header = _NPY_HEADERS.get(key)
-    if header is None:
-        buf = io.BytesIO()
-        np.save(buf, arr, allow_pickle=False)
-        data = buf.getvalue()
-        header = data[: len(data) - arr.nbytes]
-        if len(_NPY_HEADERS) < 64:
-            _NPY_HEADERS[key] = header
-        return data
-    return header + arr.tobytes()
+    return npy_header(arr.dtype, arr.shape) + arr.tobytes()
 
 
 def npy_load(data: bytes) -> np.ndarray:

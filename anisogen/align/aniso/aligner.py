@@ -21,7 +21,9 @@ Fitting (unpaired text and image embeddings, spec §2.10; :meth:`AnisoAlign._fit
 Transform (deterministic, row-wise, batch-independent): global init -> g_eta -> bounded update (eq. 7) ->
 e' = B c_hat + v_hat (spec §2.9). Rows are processed in fixed-shape, zero-padded blocks of
 ``transform_block`` rows so every BLAS call has the same shape whatever the batch: a row's output bits do
-not depend on which other rows are transformed with it.
+not depend on which other rows are transformed with it. ``device_transform`` (:mod:`anisogen.align.device`)
+is the same map in float32 torch on any device (:meth:`AnisoAlign._map_torch`, the functions at the end of
+this module), also in fixed-shape blocks.
 
 Variants (Table 4; the objective of g_eta):
 
@@ -100,7 +102,7 @@ import numpy as np
 import torch
 
 from ...embeddings import l2_normalize
-from ..base import Aligner, FitContext, register_aligner
+from ..base import Aligner, FitContext, _to_device32, register_aligner
 from ..realign import ReAlignAligner
 from .frame import MIXINGS, Frame, eigen_frame, haar_orthogonal, learn_mixing
 from .init import (GLOBAL_SCALES, RADIAL_MAPS, V_SCALINGS, GlobalInit, RadialMap, fit_radial_map, mean_coord_norm,
@@ -633,6 +635,28 @@ class AnisoAlign(Aligner):
         with torch_threads(self.params["threads"]):
             return self._blockwise(text, lambda block: self._map_block(block)[-1])
 
+    # ------------------------------------------------------------------- mapping on a device
+    def _default_device_block(self) -> int:
+        return int(self.params["transform_block"])
+
+    def _device_tensors(self, device) -> dict:
+        """The fitted map as float32 device tensors, laid out for :meth:`_map_torch` (products formed in float64).
+
+        The U coordinates are kept *block-major*: with the basis permuted to B_p = [B[:, 0::2] | B[:, 1::2]],
+        c_p = B_p^T y_bar holds every block's a_k in its first m columns and b_k in its last m, so the polar
+        code works on two contiguous halves (no stack / reshape) and B_p^T maps them back.
+        """
+        return _device_state(self, device)
+
+    def _map_torch(self, text: torch.Tensor, tensors: dict) -> torch.Tensor:
+        """Float32 mirror of :meth:`_map_block`: global init -> g_eta -> bounded update -> e' = B c_hat + v_hat.
+
+        Phases enter only through cos / sin, so they are carried as (cos theta, sin theta) = (a, b) / |c|
+        (atan2 of the reference, then cos / sin of it, in exact arithmetic) and the bounded phase step is
+        applied by the angle-addition formulas; the wrap of eq. 7 leaves cos / sin unchanged.
+        """
+        return _map_device(tensors, text)
+
 
 def _refinement_bases(rows: list[dict], gamma_star: tuple, top: int) -> list[tuple]:
     """The closed-form candidates the refiner is tried on: gamma* and, below it on both sides, the feasible
@@ -714,3 +738,161 @@ class AnisoAlignPhase(_ReadingAblation):
     name = "anisoalign-phase"
     stage2_losses = ("phase",)
     readings = {"guidance": ("guidance", "phase"), "objectives": ("phase",)}
+
+
+# ------------------------------------------------------------------------------ device path
+#: cells per knot of the radial map's uniform lookup grid on the device (see :func:`_radial_grid`)
+RADIAL_GRID_CELLS_PER_KNOT = 4
+
+
+def _device_state(aligner: AnisoAlign, device) -> dict:
+    """float32 tensors (and Python scalars) of :meth:`AnisoAlign._map_torch`; see its docstrings.
+
+    Every product of fitted quantities is formed in float64 here and rounded to float32 once.
+    """
+    f32 = _to_device32
+    init, eps = aligner.init, float(aligner.params["eps"])
+    basis = aligner.frame.basis
+    r = basis.shape[1]
+    basis_p = basis[:, np.r_[0:r:2, 1:r:2]]
+    # one projection y -> [c_p | v0 | (refiner's first layer on v0)], with c_p = B_p^T (y - mu_t + mu_i) and
+    # v0 = Q_V D Q_V^T y + v_offset (GlobalInit.state); the first layer's v0 columns are folded in
+    weights = [basis_p, init._v_matrix]
+    biases = [(init.mu_image - init.mu_text) @ basis_p, init._v_offset]
+    state: dict[str, Any] = {"m": r // 2, "d": basis.shape[0], "eps": eps}
+    if aligner.refiner is not None:
+        net = aligner.refiner
+        linears = [net.body[i] for i in range(0, len(net.body), 3)] + [net.head]
+        as64 = lambda p: p.detach().double().numpy()  # noqa: E731
+        # the first layer (the head when there is no hidden layer), on [sin; cos; log rho; v0]
+        w1 = as64(linears[0].weight)
+        weights.append(init._v_matrix @ w1[:, 3 * (r // 2):].T)
+        biases.append(init._v_offset @ w1[:, 3 * (r // 2):].T + as64(linears[0].bias))
+        state["first"] = f32(w1[:, : 3 * (r // 2)].T, device)  # (3m, width)
+        layers = []  # (linear weight, bias or None for the folded first one, LayerNorm weight, bias, eps)
+        for i in range(0, len(net.body), 3):
+            linear, norm = net.body[i], net.body[i + 1]
+            layers.append((None if i == 0 else f32(as64(linear.weight), device),
+                           None if i == 0 else f32(as64(linear.bias), device),
+                           f32(as64(norm.weight), device), f32(as64(norm.bias), device), float(norm.eps)))
+        state["layers"] = layers
+        state["head"] = (f32(as64(net.head.weight), device), f32(as64(net.head.bias), device)) if layers else None
+        state["with_v"] = bool(net.with_v)
+        b = aligner.bounds
+        state["bounds"] = (float(b.alpha_theta), float(b.alpha_rho), float(b.alpha_v), bool(b.reproject_v))
+    state["proj"] = f32(np.concatenate(weights, axis=1), device)
+    state["proj_bias"] = f32(np.concatenate(biases), device)
+    state["basis"] = f32(basis_p, device)
+    state["back"] = f32(basis_p.T, device)
+    if init.radial is not None:
+        state.update(_radial_grid(init.radial.text_knots, init.radial.image_knots, device))
+    gamma = float(init.shrinkage)
+    if gamma != 1.0:
+        u_off = init.mu_image @ basis_p  # B_p^T mu_i
+        state["shrink"] = (gamma, (1.0 - gamma) * init.scale_u)
+        state["shrink_offset"] = f32((1.0 - gamma) * (1.0 - init.scale_u) * u_off, device)
+    return state
+
+
+def _radial_grid(text_knots: np.ndarray, image_knots: np.ndarray, device) -> dict:
+    """The radial map T_k on the device: knots, slopes, and a uniform lookup grid replacing a binary search.
+
+    T_k = (F_k^x)^-1 o F_k^y, both CDFs interpolated at the same levels, is the piecewise-linear map that
+    sends text knot j to image knot j: one interpolation, the reference's two composed exactly. Finding a
+    radius's segment j (the last knot <= it) by ``torch.searchsorted`` costs ~100 ns per value on a CPU, so
+    the segment is found from a uniform grid of G cells over [t_0, t_{K-1}]: ``start[k, c]`` is the segment
+    at the left edge of cell c - 1, and at most S knots lie between that edge and the right edge of cell
+    c + 1 (the one-cell margins absorb float32 rounding of the cell index). A binary search over the window
+    [start, start + 2^s - 1] (2^s > S; ``halves`` = 2^(s-1), ..., 1) then lands on exactly the segment that a
+    binary search over all the float32 knots returns: s = log2(S + 1) rounded up gather-and-compare passes.
+    """
+    f32 = lambda a: _to_device32(a, device)  # noqa: E731
+    tk = text_knots.astype(np.float32).astype(np.float64)  # the knots as the device holds them
+    blocks, k = tk.shape
+    width = np.diff(text_knots, axis=1)
+    slope = np.divide(np.diff(image_knots, axis=1), width, out=np.zeros_like(width), where=width > 0)
+    cells = RADIAL_GRID_CELLS_PER_KNOT * k
+    lo, span = tk[:, 0], tk[:, -1] - tk[:, 0]
+    cell_width = np.where(span > 0, span / cells, 1.0)
+    edges = lo[:, None] + cell_width[:, None] * np.arange(-1, cells + 2)  # left edges of cells -1 .. G + 1
+    seg = np.stack([np.searchsorted(tk[b], edges[b], side="right") - 1 for b in range(blocks)])
+    seg = np.clip(seg, 0, k - 2)
+    start, end = seg[:, :cells], seg[:, 3:]  # cell c: from the left edge of c - 1 to the right edge of c + 1
+    window = 1 << int((end - start).max()).bit_length()  # a power of two > S
+    halves = []
+    while window > 1:
+        window //= 2
+        halves.append(window)
+    # +inf columns: the window never selects a knot past the last one
+    padded = np.concatenate([tk, np.full((blocks, 2 * halves[0] if halves else 1), np.inf)], axis=1)
+    return {"knots_text": f32(padded), "knots_image": f32(image_knots), "knots_slope": f32(slope),
+            "knots_lo": f32(lo[:, None]), "knots_hi": f32(tk[:, -1:]),
+            "knots_inv_width": f32(1.0 / cell_width[:, None]),
+            "knots_start": torch.as_tensor(start, dtype=torch.long, device=device).contiguous(), "knots_halves": halves,
+            "knots_cells": cells}
+
+
+def _radial_device(t: dict, rho: torch.Tensor) -> torch.Tensor:
+    """T_k(rho) per block with np.interp semantics (clamped to the end knots); rho (n, m) float32."""
+    x = rho.T.contiguous()  # (m, n): the knots' rows
+    tk, lo, hi = t["knots_text"], t["knots_lo"], t["knots_hi"]
+    cell = torch.floor((x - lo) * t["knots_inv_width"]).clamp_(0, t["knots_cells"] - 1).to(torch.long)
+    j = torch.gather(t["knots_start"], 1, cell.clamp_(0, t["knots_cells"] - 1))  # second clamp: NaN rows
+    for half in t["knots_halves"]:  # the last knot <= x within [start, start + 2^s - 1]
+        probe = j + half
+        j = torch.where(torch.gather(tk, 1, probe) <= x, probe, j)
+    image = t["knots_image"]
+    j.clamp_(max=image.shape[1] - 2)  # x >= t_{K-1} steps onto the last knot; the clamp below takes over
+    out = torch.gather(image, 1, j) + (x - torch.gather(tk, 1, j)) * torch.gather(t["knots_slope"], 1, j)
+    out = torch.where(x < lo, image[:, :1], out)
+    out = torch.where(x >= hi, image[:, -1:], out)
+    return out.T
+
+
+def _direction(a: torch.Tensor, b: torch.Tensor, sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of atan2(b, a) = (a, b) / |(a, b)|, and (1, 0) where a = b = 0 (as atan2(0, 0) = 0)."""
+    inv = 1.0 / torch.sqrt(sq)  # inf where a = b = 0
+    zero = torch.isinf(inv)
+    return torch.where(zero, 1.0, a * inv), torch.where(zero, 0.0, b * inv)
+
+
+def _map_device(t: dict, x: torch.Tensor) -> torch.Tensor:
+    """One (block, d) float32 block -> e' (block, d) float32, see :meth:`AnisoAlign._map_torch`."""
+    m, d, eps = t["m"], t["d"], t["eps"]
+    proj = torch.addmm(t["proj_bias"], x, t["proj"])  # (n, r + d [+ h]) = [a | b | v0 | first layer on v0]
+    a, b, v0 = proj[:, :m], proj[:, m : 2 * m], proj[:, 2 * m : 2 * m + d]
+    sq = a * a + b * b
+    rho = torch.sqrt(sq + eps)
+    cos, sin = _direction(a, b, sq)
+    rho0 = _radial_device(t, rho) if "knots_text" in t else rho
+    if "shrink" in t:  # c0 = gamma c_paper + (1 - gamma) c_glob, then polar again (GlobalInit.state)
+        gamma, scale = t["shrink"]
+        mag = torch.sqrt(torch.clamp(rho0 * rho0 - eps, min=0.0))
+        offset = t["shrink_offset"]
+        a = gamma * (mag * cos) + scale * a + offset[:m]
+        b = gamma * (mag * sin) + scale * b + offset[m:]
+        sq = a * a + b * b
+        rho0 = torch.sqrt(sq + eps)
+        cos, sin = _direction(a, b, sq)
+    rho_hat, v_hat = rho0, v0
+    if "layers" in t:  # g_eta on [sin; cos; log rho0; v0], its v0 part already in ``proj``
+        fn = torch.nn.functional
+        h = torch.addmm(proj[:, 2 * m + d :], torch.cat([sin, cos, torch.log(rho0)], dim=1), t["first"])
+        for weight, bias, ln_w, ln_b, ln_eps in t["layers"]:
+            if weight is not None:
+                h = fn.linear(h, weight, bias)
+            h = fn.silu(fn.layer_norm(h, (h.shape[1],), ln_w, ln_b, ln_eps))
+        out = fn.linear(h, *t["head"]) if t["head"] is not None else h
+        alpha_theta, alpha_rho, alpha_v, reproject = t["bounds"]
+        delta = alpha_theta * torch.tanh(out[:, :m])
+        cos_d, sin_d = torch.cos(delta), torch.sin(delta)  # theta_hat = theta0 + delta (wrap: same cos, sin)
+        cos, sin = cos * cos_d - sin * sin_d, sin * cos_d + cos * sin_d
+        rho_hat = rho0 * torch.exp(alpha_rho * torch.tanh(out[:, m : 2 * m]))
+        if t["with_v"]:
+            dv = out[:, 2 * m :]
+            step = torch.tanh(dv - (dv @ t["basis"]) @ t["back"])
+            if reproject:
+                step = step - (step @ t["basis"]) @ t["back"]
+            v_hat = v0 + alpha_v * step
+    mag = torch.sqrt(torch.clamp(rho_hat * rho_hat - eps, min=0.0))
+    return torch.addmm(v_hat, torch.cat([mag * cos, mag * sin], dim=1), t["back"])

@@ -43,17 +43,12 @@ def torch_threads(n: int | None):
 
 
 def check_device(device: str) -> torch.device:
-    """``device`` as a torch device, or a one-line ValueError when it is malformed or not available here."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA device on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} was asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif dev.type != "cpu":
+    """``device`` as a torch device, or a one-line ValueError when it is malformed, not available here, or
+    neither a CPU nor a CUDA device."""
+    from ..device import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r}: AnisoAlign trains on 'cpu' or 'cuda[:N]'")
     return dev
 
