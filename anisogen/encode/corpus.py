@@ -244,14 +244,14 @@ class Corpus:
 
     # -- identity --------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
-        """JSON description used in the run config (files with size and mtime; hub name and split)."""
+        """JSON description used in the run config: each file's content identity (path, size, sampled
+        sha256; :func:`anisogen.fileid.file_identity`, so ``touch`` does not change it), or the hub name and
+        split."""
+        from ..fileid import file_identity
+
         if self.hub:
             return {"hub": self.hub, "split": self.split, "config": self.hub_config, "kind": "hub"}
-        files = []
-        for f in self.files:
-            st = os.stat(f)
-            files.append({"path": os.path.abspath(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-        return {"files": files, "kind": self.kind}
+        return {"files": [file_identity(f) for f in self.files], "kind": self.kind}
 
     # -- loading -----------------------------------------------------------------------------------
     def _builder(self) -> tuple[str, dict[str, Any]]:

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--manifest-interval", type=float, default=30.0, help="seconds between manifest refreshes while running")
     g.add_argument("--no-progress", action="store_true", help="no progress bar or summary (logs only)")
     g.add_argument("--summary-json", default=None, help="also write the final summary to this JSON file")
+    g.add_argument("--allow-empty", action="store_true",
+                   help="exit 0 even when no sample was written (an empty corpus, or every row rejected)")
     g.add_argument("--log-level", default="WARNING", help="python logging level")
     return p
 
@@ -131,7 +133,7 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
         threads=args.threads, executor=args.executor, ray_address=args.ray_address, ray_retries=args.ray_retries,
         ray_gpus_per_task=args.ray_gpus_per_task, worker_index=args.worker_index, num_workers=args.num_workers,
         overwrite=args.overwrite, verify=args.verify, fit_only=args.fit_only, cache_dir=args.cache_dir,
-        progress=not args.no_progress, manifest_interval_s=args.manifest_interval,
+        progress=not args.no_progress, manifest_interval_s=args.manifest_interval, allow_empty=args.allow_empty,
     )
 
 
@@ -140,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .config import GenerateInputError
     from .run import ConfigMismatch, generate
     from ..encode.corpus import CorpusError
 
@@ -149,11 +152,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         summary = generate(cfg)
-    except (ConfigMismatch, CorpusError, FileNotFoundError) as exc:
+    except (ConfigMismatch, CorpusError, GenerateInputError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.summary_json and summary:
         from ..shards.writer import atomic_write_json
 
         atomic_write_json(args.summary_json, summary)
-    return 0
+    return _empty_result_status(summary, cfg)
+
+
+def _empty_result_status(summary: dict, cfg: GenerateConfig) -> int:
+    """1 with a one-line reason when a finished run wrote no sample at all (unless ``--allow-empty``)."""
+    if not summary or summary.get("status") != "complete" or summary.get("samples") or cfg.allow_empty:
+        return 0
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.get("reject_reasons", {}).items())) or "none"
+    print(f"error: no sample was written ({cfg.out}): {summary.get('rejects', 0)} input row(s), all rejected "
+          f"(reasons: {reasons}); see {cfg.out}/rejects.jsonl, or pass --allow-empty if an empty result is "
+          "expected", file=sys.stderr)
+    return 1

@@ -16,6 +16,17 @@ from typing import Any
 from ..shards.schema import EMB_DTYPES
 
 
+def _has_glob_matches(pattern: str) -> bool:
+    import glob
+
+    return any(ch in pattern for ch in "*?[") and bool(glob.glob(pattern))
+
+
+class GenerateInputError(ValueError):
+    """A user error in what the flags point to (unknown aligner or model, bad parameter, unreadable image
+    source, an aligner fitted for another model, a corrupt output folder): reported in one line, exit 2."""
+
+
 @dataclass
 class GenerateConfig:
     """All settings of one generation run (see ``pipelines/generate.py --help`` for each flag)."""
@@ -67,11 +78,12 @@ class GenerateConfig:
     cache_dir: str | None = None
     progress: bool = True
     manifest_interval_s: float = 30.0
+    allow_empty: bool = False
 
     #: Fields that do not affect the output bytes.
     RUNTIME_FIELDS = ("out", "device", "compile", "workers", "threads", "executor", "ray_address", "ray_retries",
                       "ray_gpus_per_task", "worker_index", "num_workers", "overwrite", "verify", "fit_only",
-                      "cache_dir", "progress", "manifest_interval_s")
+                      "cache_dir", "progress", "manifest_interval_s", "allow_empty")
 
     def validate(self) -> "GenerateConfig":
         """Check flag combinations; raises ``ValueError`` naming the flag."""
@@ -105,6 +117,27 @@ class GenerateConfig:
             raise ValueError(f"--worker-index {self.worker_index} must be in [0, --num-workers={self.num_workers})")
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        return self
+
+    def check_references(self) -> "GenerateConfig":
+        """Check what the flags name before any work: the aligner and its parameters, the image source and
+        the aligner folder. Raises :class:`GenerateInputError` naming the flag."""
+        import os
+
+        from ..align import get_aligner_class
+
+        if self.aligner:
+            try:
+                get_aligner_class(self.aligner)(**self.aligner_params)
+            except (ValueError, TypeError) as exc:
+                flag = "--aligner" if "unknown aligner" in str(exc) else "--aligner-param"
+                raise GenerateInputError(f"{flag}: {exc}") from None
+        if self.images and not (os.path.exists(self.images) or _has_glob_matches(self.images)):
+            raise GenerateInputError(f"--images {self.images}: no such file or folder; give unpaired image "
+                                     "embeddings (.npy file or folder), an image folder or image shards")
+        if self.aligner_dir and not os.path.isfile(os.path.join(self.aligner_dir, "config.json")):
+            raise GenerateInputError(f"--aligner-dir {self.aligner_dir}: not an aligner artifact (no config.json); "
+                                     "give a folder written by fit.py or by an earlier generate run (OUT/aligner)")
         return self
 
     def output_config(self) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from ..shards import writer
 from ..shards.schema import (
     ALIGNER_DIRNAME, MANIFEST_NAME, RECORDS_DIRNAME, REJECTS_NAME, SHARD_GLOB, SIZES_NAME, fingerprint, npy_bytes,
 )
-from .config import GenerateConfig
+from .config import GenerateConfig, GenerateInputError
 from .context import DEDUP_NAME, ContextFactory, build_context, is_pending, make_encoder, open_corpus
 from .faults import FaultInjector, OnEvent, no_event
 from .task import assign, plan_tasks
@@ -180,9 +180,16 @@ def check_resume(cfg: GenerateConfig, out: Path, resolved: dict) -> str:
     if manifest_path.is_file():
         if cfg.overwrite:
             return "overwrite"
-        old = json.loads(manifest_path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise GenerateInputError(f"--out {out}: {MANIFEST_NAME} is not valid JSON ({exc}); use --overwrite to "
+                                     "discard that folder's outputs, or a new --out") from None
         if old.get("config_fingerprint") == fp:
             return "resume"
+        if not _wrote_anything(out):
+            logger.warning("%s: the earlier run (another config) wrote no shard; starting over with this config", out)
+            return "overwrite"
         diff = _config_diff(old.get("config", {}), resolved)
         raise ConfigMismatch(
             f"{out} holds a run with a different config (fingerprint {str(old.get('config_fingerprint'))[:12]} vs "
@@ -193,6 +200,11 @@ def check_resume(cfg: GenerateConfig, out: Path, resolved: dict) -> str:
         raise ConfigMismatch(f"{out} holds shard files but no {MANIFEST_NAME}; refusing to mix outputs "
                              "(use --overwrite or a new --out)")
     return "overwrite" if stray else "fresh"
+
+
+def _wrote_anything(out: Path) -> bool:
+    """Whether ``out`` holds any shard, completion record or temp tar (work a config change would discard)."""
+    return bool(list(out.glob(SHARD_GLOB)) or list((out / RECORDS_DIRNAME).glob("*.json")) or list(out.glob("*.tar.*.tmp")))
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -209,7 +221,10 @@ def fit_or_load_aligner(cfg: GenerateConfig, dist: Dist, out: Path, corpus: Corp
     from ..align import fit_aligner, load_aligner
 
     if cfg.aligner_dir:
-        return load_aligner(cfg.aligner_dir, model_fingerprint=model_fingerprint)
+        try:
+            return load_aligner(cfg.aligner_dir, model_fingerprint=model_fingerprint)
+        except (ValueError, FileNotFoundError) as exc:
+            raise GenerateInputError(f"--aligner-dir: {exc}") from None
     art = out / ALIGNER_DIRNAME
     if (art / "config.json").is_file():
         return load_aligner(art, model_fingerprint=model_fingerprint)
@@ -235,12 +250,15 @@ def fit_or_load_aligner(cfg: GenerateConfig, dist: Dist, out: Path, corpus: Corp
             raise ValueError("the fit sample holds no valid texts (every sampled record was rejected)")
         from ..encode.images import load_image_embeddings
 
-        image = load_image_embeddings(cfg.images, model=model, preprocess=preprocess,
-                                      model_fingerprint=model_fingerprint, device=encoder.device,
-                                      limit=cfg.fit_images, num_workers=min(cfg.workers, 4), progress=progress)
+        try:
+            image = load_image_embeddings(cfg.images, model=model, preprocess=preprocess,
+                                          model_fingerprint=model_fingerprint, device=encoder.device,
+                                          limit=cfg.fit_images, num_workers=min(cfg.workers, 4), progress=progress)
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            raise GenerateInputError(f"--images {cfg.images}: {exc}") from None
         if image.shape[1] != text.shape[1]:
-            raise ValueError(f"--images {cfg.images}: image embeddings have d={image.shape[1]}, "
-                             f"the text embeddings d={text.shape[1]} (another model?)")
+            raise GenerateInputError(f"--images {cfg.images}: image embeddings have d={image.shape[1]}, "
+                                     f"the text embeddings d={text.shape[1]}; embed the images with --model {cfg.model}")
         enc_s = time.perf_counter() - t0
         aligner = fit_aligner(cfg.aligner, text=text.astype(np.float64), image=image.astype(np.float64),
                               seed=cfg.seed, model_fingerprint=model_fingerprint,
@@ -322,7 +340,7 @@ def generate(cfg: GenerateConfig, *, dist: Dist | None = None, on_event: OnEvent
     ``on_event`` receives the crash-test points of :mod:`.faults`; by default the ``ANISOGEN_FAULT``
     injector (inactive unless that variable is set).
     """
-    cfg.validate()
+    cfg.validate().check_references()
     t_start = time.perf_counter()
     dist = dist or Dist.from_accelerate(cfg)
     run = _Run(cfg, dist, Path(cfg.out), on_event or FaultInjector.from_env(), cfg.progress and dist.is_main)
@@ -351,7 +369,10 @@ def _open_inputs(run: _Run) -> None:
     from ..encode.clip import load_clip
 
     cfg = run.cfg
-    run.bundle = load_clip(cfg.model, cfg.pretrained, device=run.dist.device)
+    try:
+        run.bundle = load_clip(cfg.model, cfg.pretrained, device=run.dist.device)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise GenerateInputError(f"--model {cfg.model} --pretrained {cfg.pretrained}: {exc}") from None
     run.encoder = make_encoder(cfg, run.bundle, run.dist.device)
     run.corpus = open_corpus(cfg)
     with run.dist.main_first():
@@ -457,7 +478,8 @@ def _record_callback(run: _Run, own: dict, bar: "_Progress") -> Callable[[dict],
         own["shards"] += 1
         own["samples"] += rec["nsamples"]
         own["rejects"] += rec["rejects"]
-        bar.update(extra={"shards": own["shards"], "rejects": own["rejects"]})
+        label = "rejects" if run.dist.world == 1 else "rejects (this rank)"  # other ranks' are in their records
+        bar.update(extra={"shards": own["shards"], label: own["rejects"]})
         if run.dist.is_main and time.monotonic() - last_manifest[0] > run.cfg.manifest_interval_s:
             writer.assemble(run.out, run.header, writer.list_records(run.out), complete=False)
             last_manifest[0] = time.monotonic()
