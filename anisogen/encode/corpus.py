@@ -17,7 +17,15 @@ Every input record has a global 0-based **row** number (rejected records include
 
 Line-based files (.jsonl and .txt) are loaded with the ``text`` builder in latin-1 so that every byte
 survives; each line is then decoded as strict UTF-8 and parsed here. That is what makes a single
-malformed line a counted reject instead of a fatal Arrow error.
+malformed line a counted reject instead of a fatal Arrow error. The same holds for the other formats:
+
+* ``.csv`` is read in latin-1 with **every column as a string** (no type inference: ``000001`` stays
+  ``"000001"``, a numeric-looking text stays a text); the text and id values are decoded as strict UTF-8
+  here, so one bad byte rejects one record;
+* a ``.json`` array document is parsed here, element by element: an element that is not an object is a
+  reject (``invalid_json``), not a failed load;
+* a file that cannot be read at all (a truncated ``.gz``, a ``.json`` that is not JSON) is a
+  :class:`CorpusError` naming the file.
 """
 
 from __future__ import annotations
@@ -194,6 +202,64 @@ def parse_line(raw: str, row: int, kind: str, text_field: str, id_field: str | N
     return parse_fields(obj, row, text_field, id_field, null_is_missing=False)
 
 
+def _csv_header(path: str) -> list[str]:
+    """Column names of a CSV file (its first row), read the way the builder reads it (latin-1)."""
+    import csv
+
+    import fsspec
+
+    with fsspec.open(path, "rt", compression="infer", encoding="latin-1", newline="") as f:
+        try:
+            header = next(csv.reader(f))
+        except StopIteration:
+            raise CorpusError(f"{path}: empty CSV file (no header row)") from None
+        except (OSError, EOFError, csv.Error) as exc:
+            raise CorpusError(f"{path}: cannot be read ({exc})") from None
+    return header
+
+
+def _utf8_fields(raw: dict, fields) -> tuple[dict, str | None]:
+    """Decode the latin-1 loaded ``fields`` of a CSV row as strict UTF-8: (row, problem or None)."""
+    out = dict(raw)
+    for name in fields:
+        value = out.get(name)
+        if isinstance(value, str):
+            data = value.encode("latin-1")
+            try:
+                out[name] = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return out, f"{name}: invalid UTF-8 byte 0x{data[exc.start]:02x} at byte {exc.start}"
+    return out, None
+
+
+def _json_array_lines(path: str) -> list[str]:
+    """The elements of a ``.json`` array document, each re-serialised as one ASCII JSON line."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb", compression="infer") as f:
+            doc = json.loads(f.read().decode("utf-8-sig"))
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+        raise CorpusError(f"{path}: cannot be read as a JSON array ({type(exc).__name__}: {exc}); "
+                          "use one JSON object per line (.jsonl) to reject bad records one by one") from None
+    if not isinstance(doc, list):
+        raise CorpusError(f"{path}: a .json corpus must be an array of objects, got a {type(doc).__name__}")
+    return [json.dumps(element) for element in doc]
+
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` cannot be read through to its end (decompression included), or None."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb", compression="infer") as f:
+            while f.read(1 << 24):
+                pass
+    except (OSError, EOFError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 # ---------------------------------------------------------------------------------------- corpus
 class Corpus:
     """Row-addressable view of the input records (random access for local files, sequential for streams).
@@ -257,9 +323,36 @@ class Corpus:
     def _builder(self) -> tuple[str, dict[str, Any]]:
         if self.kind in ("jsonl", "txt"):
             return "text", {"encoding": "latin-1", "keep_linebreaks": False}
-        if self.kind == "json":
-            return "json", {}
+        if self.kind == "csv":
+            import datasets
+
+            names = _csv_header(self.files[0])
+            return "csv", {"encoding": "latin-1",
+                           "features": datasets.Features({n: datasets.Value("string") for n in names})}
         return self.kind, {}
+
+    @property
+    def _line_based(self) -> bool:
+        """Rows hold one raw line (or one re-serialised JSON element) in a ``text`` column, parsed here."""
+        return self.kind in ("jsonl", "txt", "json")
+
+    def _load_local(self, files: list[str]):
+        import datasets
+
+        if self.kind == "json":
+            ds = datasets.Dataset.from_dict({"text": [line for f in files for line in _json_array_lines(f)]})
+            return ds.to_iterable_dataset() if self.streaming else ds
+        builder, kw = self._builder()
+        try:
+            return datasets.load_dataset(builder, data_files=files, split="train", streaming=self.streaming,
+                                         cache_dir=self.cache_dir, **kw)
+        except Exception as exc:  # name the file that cannot be read (HF's error names none)
+            for f in files:
+                problem = _unreadable(f)
+                if problem:
+                    raise CorpusError(f"{f}: cannot be read ({problem}); fix or remove the file") from None
+            raise CorpusError(f"the corpus files could not be loaded ({type(exc).__name__}: {exc}; cause: "
+                              f"{exc.__cause__!r})") from exc
 
     def dataset(self):
         """The underlying HF ``Dataset`` (or ``IterableDataset`` when streaming), loaded once."""
@@ -280,9 +373,7 @@ class Corpus:
                         {"text": datasets.Value("string")}))
                     self.streaming = False
                 else:
-                    builder, kw = self._builder()
-                    ds = datasets.load_dataset(builder, data_files=files, split="train",
-                                               streaming=self.streaming, cache_dir=self.cache_dir, **kw)
+                    ds = self._load_local(files)
             self._ds = ds
         return self._ds
 
@@ -322,15 +413,20 @@ class Corpus:
 
     def _wanted_columns(self, ds) -> list[str] | None:
         names = list(ds.column_names or [])
-        if self.kind in ("jsonl", "txt"):
+        if self._line_based:
             return None
         want = [c for c in (self.text_field, self.id_field) if c is not None and c in names]
         return want or None
 
     def parse(self, raw: Any, row: int) -> Record | Reject:
         """Turn a raw dataset row into a :class:`Record` or :class:`Reject`."""
-        if self.kind in ("jsonl", "txt"):
-            return parse_line(raw["text"], row, self.kind, self.text_field, self.id_field)
+        if self._line_based:
+            kind = "txt" if self.kind == "txt" else "jsonl"
+            return parse_line(raw["text"], row, kind, self.text_field, self.id_field)
+        if self.kind == "csv":
+            raw, bad = _utf8_fields(raw, (self.text_field, self.id_field))
+            if bad:
+                return Reject(row, "invalid_unicode", bad)
         return parse_fields(raw, row, self.text_field, self.id_field, null_is_missing=True)
 
     def records(self, start: int = 0, stop: int | None = None) -> Iterator[Record | Reject]:
@@ -367,7 +463,7 @@ class Corpus:
         if self.kind == "txt" or self.num_rows == 0:
             return
         cols = self.columns()
-        if cols is not None and self.kind not in ("jsonl",):
+        if cols is not None and not self._line_based:
             for fld, flag in ((self.text_field, "--text-field"), (self.id_field, "--id-field")):
                 if fld is not None and fld not in cols:
                     raise CorpusError(f"{flag} {fld!r} is not a column of the corpus; columns: {cols}")
@@ -378,7 +474,7 @@ class Corpus:
         for raw in self._raw_rows(0, sample):
             n += 1
             try:
-                obj = json.loads(raw["text"].encode("latin-1").decode("utf-8")) if self.kind == "jsonl" else raw
+                obj = json.loads(raw["text"].encode("latin-1").decode("utf-8")) if self._line_based else raw
             except (ValueError, UnicodeError):
                 continue
             if isinstance(obj, dict):
