@@ -101,3 +101,21 @@ def test_empty_result_exits_1_unless_allowed(files, capsys):
     assert cli_main(base + [str(aligner), "--out", str(files / "empty-out")]) == 1
     one_line_error(capsys, "no sample was written", "rejects.jsonl", "--allow-empty")
     assert cli_main(base + [str(aligner), "--out", str(files / "empty-out"), "--allow-empty"]) == 0
+
+
+def test_help_does_not_import_torch_or_open_clip():
+    import subprocess
+
+    code = ("import sys; from anisogen.generate.cli import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'open_clip', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_importing_open_clip_after_anisogen_registers_the_toy_config():
+    import subprocess
+
+    code = "import anisogen, open_clip; print('toy' in open_clip.list_models())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
