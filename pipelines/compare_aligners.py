@@ -16,6 +16,7 @@ import numpy as np
 
 from anisogen.align import ALIGNERS
 from anisogen.align.compare import METHOD_COLUMNS, compare_aligners
+from anisogen.embedding_files import EmbeddingFileError, open_embeddings
 from anisogen.geometry import gap_report
 from anisogen.report import markdown_table
 from anisogen.synthetic import make_paired_embeddings
@@ -60,7 +61,10 @@ def load_data(args):
     paths = [args.fit_text, args.fit_image, args.heldout_text, args.heldout_image]
     if not all(paths):
         sys.exit("error: give --synthetic or all of --fit-text --fit-image --heldout-text --heldout-image")
-    fit_text, fit_image, held_text, held_image = (np.load(p, allow_pickle=False) for p in paths)
+    try:  # files, folders or globs of .npy, checked (2-D, same d, finite) by anisogen.embedding_files
+        fit_text, fit_image, held_text, held_image = [open_embeddings(p).load(dtype=np.float64) for p in paths]
+    except EmbeddingFileError as exc:
+        sys.exit(f"error: {exc}")
     return fit_text, fit_image, held_image, held_text
 
 

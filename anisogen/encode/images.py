@@ -22,13 +22,13 @@ import io
 import json
 import logging
 import os
-import re
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from ..embedding_files import natural_key as _natural_key
 from ..embeddings import l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -39,10 +39,6 @@ WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 EMB_FILE = "img_emb.npy"
 META_FILE = "img_emb.json"
 KEYS_FILE = "img_keys.txt"
-
-
-def _natural_key(path: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
 def _expand(path: str | os.PathLike, exts: Sequence[str]) -> list[str]:
@@ -83,13 +79,22 @@ def image_source_kind(path: str | os.PathLike) -> str:
 
 
 def describe_image_source(path: str | os.PathLike) -> dict[str, Any]:
-    """JSON identity of an image source for run configs: kind, files (path, size, mtime_ns)."""
+    """JSON identity of an image source for run configs, by content, not mtime (``touch`` keeps it).
+
+    Embedding files and image shards: each file's size and sampled sha256 (:func:`anisogen.fileid.sample_sha256`);
+    image folders: each file's path and size (reading every image to hash it would cost a pass over the folder).
+    """
+    import hashlib
+
+    from ..fileid import sample_sha256
+
     kind = image_source_kind(path)
     exts = {"npy": (".npy",), "folder": IMAGE_EXTS, "shards": (".tar",)}[kind]
     files = _expand(path, exts)
-    listing = [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
-    import hashlib
-
+    if kind == "folder":
+        listing = [[os.path.abspath(f), os.path.getsize(f)] for f in files]
+    else:
+        listing = [[os.path.abspath(f), os.path.getsize(f), sample_sha256(f)] for f in files]
     digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     return {"path": os.path.abspath(os.fspath(path)), "kind": kind, "files": len(files), "listing_sha256": digest}
 
@@ -99,36 +104,18 @@ def load_npy_embeddings(path: str | os.PathLike, *, model_fingerprint: str | Non
                         limit: int | None = None) -> np.ndarray:
     """Concatenate ``.npy`` embedding files (float16/float32, (n, d) each) into float32 (N, d), normalised.
 
-    If the folder has an ``img_emb.json`` with a ``model`` fingerprint different from ``model_fingerprint``,
-    raises ``ValueError`` (embeddings of another model live in another space).
+    Files, order, sidecars and checks are those of :mod:`anisogen.embedding_files` (files of a folder in
+    natural order, subfolders included). If a file's sidecar (``<stem>.json``, else the folder's
+    ``img_emb.json`` / ``text_emb.json``) records a ``model`` fingerprint different from
+    ``model_fingerprint``, raises ``ValueError`` (embeddings of another model live in another space).
     """
-    p = os.fspath(path)
-    meta_path = Path(p) / META_FILE if os.path.isdir(p) else Path(p).with_name(META_FILE)
-    if model_fingerprint is not None and meta_path.is_file():
-        stored = json.loads(meta_path.read_text()).get("model")
-        if stored is not None and stored != model_fingerprint:
-            raise ValueError(f"{p}: image embeddings were computed with {stored!r}, not {model_fingerprint!r}")
-    files = _expand(p, (".npy",))
-    parts = []
-    total = 0
-    for f in files:
-        arr = np.load(f, mmap_mode="r", allow_pickle=False)
-        if arr.ndim != 2:
-            raise ValueError(f"{f}: expected a 2-D (n, d) array, got shape {arr.shape}")
-        if parts and arr.shape[1] != parts[0].shape[1]:
-            raise ValueError(f"{f}: dimension {arr.shape[1]} differs from {files[0]} ({parts[0].shape[1]})")
-        take = arr if limit is None else arr[: max(0, limit - total)]
-        parts.append(np.asarray(take, dtype=np.float32))
-        total += len(take)
-        if limit is not None and total >= limit:
-            break
-    if not parts or total == 0:
-        raise ValueError(f"{p}: no embeddings found")
-    out = np.concatenate(parts)
-    if not np.isfinite(out).all():
-        row = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
-        raise ValueError(f"{p}: row {row} of the image embeddings contains NaN/Inf")
-    return l2_normalize(out.astype(np.float64)).astype(np.float32)
+    from ..embedding_files import open_embeddings
+
+    source = open_embeddings(path, model_fingerprint=model_fingerprint, recursive=True)
+    out = source.load(limit=limit, dtype=np.float64)  # every read row is checked for NaN/Inf (file and row)
+    if out.shape[0] == 0:
+        raise ValueError(f"{os.fspath(path)}: no embeddings found")
+    return l2_normalize(out).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------- embedding images

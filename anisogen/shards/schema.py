@@ -16,14 +16,25 @@ extension order with ``mtime=0``, ``uname=gname=anisogen``, mode 0444, so tars a
 ``__key__``  ``s{task:06d}-{row:06d}``: the task index and the record's position inside the task
              (0-based, counting rejected records too). No dots, so webdataset splits names correctly.
 ``txt``      the source text, UTF-8.
-``emb.npy``  the substitute image embedding, shape (d,), unit L2 norm before storage rounding. Stored as
-             ``float16`` (``fp16``, default), ``float32`` (``fp32``) or bfloat16 bits in a ``uint16``
-             array (``bf16``; numpy has no bfloat16). :func:`decode_embedding` turns any of them into float32.
-``src.npy``  optional (``--keep-source``): the raw L2-normalised CLIP text embedding, same dtype rules.
+``emb.npy``  the substitute image embedding, shape (d,), unit L2 norm before storage rounding, all values
+             finite. Stored as ``float16`` (``fp16``, default), ``float32`` (``fp32``) or bfloat16 bits in a
+             ``uint16`` array (``bf16``; numpy has no bfloat16), little endian, ``.npy`` format as
+             ``np.save`` writes it; no other dtype (float64 included) is valid. **Shape is (d,) only**:
+             (n, d) arrays (several substitute vectors per sample) are reserved for a future format
+             version and every reader refuses them with an explicit error.
+``src.npy``  optional (``--keep-source``): the raw L2-normalised CLIP text embedding, same dtype and shape rules.
 ``json``     ``{"id", "row", "n_tokens", "truncated", "model", "aligner"}``: source id (``--id-field`` value,
              else the row number as a string), global 0-based input row, token count including SOT/EOT
              (after truncation), whether the text was truncated to the context length, the CLIP model
              fingerprint and the aligner name.
+
+Decoding: :mod:`anisogen.shards.decode` is the one decoder of these members
+(:func:`~anisogen.shards.decode.decode_member_embedding` -> float32 (d,),
+:func:`~anisogen.shards.decode.decode_sample` for ``txt`` (strict UTF-8) / ``json`` (an object) / ``emb`` /
+``src``); every violation is a :class:`~anisogen.shards.decode.ShardFormatError` (a ``ValueError``) whose
+message is ``"{shard}: sample {key}: {reason}"``. All readers (:mod:`.reader`, ``decode_wds_sample`` for
+webdataset, the audit, the trainer) use it. :func:`decode_embedding` below converts in-memory arrays (any
+shape; also float64, for user ``.npy`` files), not shard members.
 
 ``manifest.json`` keys: ``format``, ``format_version``, ``anisogen_version``, ``status`` (``"running"`` or
 ``"complete"``), ``config`` (the resolved generation config) and ``config_fingerprint`` (sha256 of its
@@ -145,7 +156,9 @@ def encode_embedding(x: np.ndarray, dtype: str = "fp16") -> np.ndarray:
 
 
 def decode_embedding(arr: np.ndarray) -> np.ndarray:
-    """float32 view of a stored embedding: float16/float32 are cast, uint16 is read as bfloat16 bits."""
+    """float32 view of an in-memory embedding array: float16/float32/float64 are cast, uint16 is read as
+    bfloat16 bits. Shard members go through :func:`anisogen.shards.decode.decode_member_embedding`, which
+    is stricter (storage dtypes only, shape (d,), finite)."""
     arr = np.asarray(arr)
     if arr.dtype == np.uint16:
         return bf16_bits_to_float32(arr)
@@ -195,7 +208,8 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def npy_load(data: bytes) -> np.ndarray:
-    """Parse ``.npy`` bytes (never unpickles)."""
+    """Parse any ``.npy`` bytes with numpy (never unpickles); readers of shard members use
+    :func:`anisogen.shards.decode.decode_member_embedding` instead."""
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 

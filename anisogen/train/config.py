@@ -26,6 +26,10 @@ NON_TRAJECTORY = {
     "max_steps", "epochs", "batch_size", "grad_accum", "num_workers", "loss_chunk_tokens", "output_dir",
 }
 
+#: Fields added after checkpoints existed: at this value they are left out of the fingerprint (and a
+#: stored config without them reads as this value), so older checkpoints still resume.
+ADDED_DEFAULTS = {"stage1_sampling": "resampled"}
+
 REPORT_TO_HELP = ("experiment trackers through accelerate: 'auto' (TensorBoard, plus wandb / mlflow when "
                   "installed and configured by WANDB_API_KEY / WANDB_MODE / MLFLOW_TRACKING_URI), 'none', or a "
                   "comma-separated list of tensorboard,wandb,mlflow,...")
@@ -57,6 +61,7 @@ class TrainConfig:
     on_error: str = "skip"
     num_workers: int = 1
     shuffle_buffer: int = 1000
+    stage1_sampling: str = "resampled"  # "resampled" | "exact" (see docs/TRAINING.md, "Data")
     # model / method
     projector: str = "mlp2x_gelu"
     init_from: str | None = None
@@ -101,10 +106,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        d = {k: v for k, v in self.to_dict().items() if k not in NON_TRAJECTORY}
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in NON_TRAJECTORY and not (k in ADDED_DEFAULTS and v == ADDED_DEFAULTS[k])}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def changed_fields(self, old: dict) -> list[str]:
         """Trajectory fields whose value differs from ``old`` (a stored ``to_dict()``)."""
         new = self.to_dict()
-        return sorted(k for k in new if k not in NON_TRAJECTORY and old.get(k) != new[k])
+        return sorted(k for k in new if k not in NON_TRAJECTORY and old.get(k, ADDED_DEFAULTS.get(k)) != new[k])

@@ -38,8 +38,9 @@ from .checkpoint import gather_trainable, latest_checkpoint, load_checkpoint, lo
     read_state, save_checkpoint, trainable_tensors
 from .config import REPORT_TO_HELP, TrainConfig  # noqa: F401  (re-exported: anisogen.train.trainer.TrainConfig)
 from .data import (
-    EmbeddingStore, EmbeddingTransform, ExampleBuilder, RejectLog, StreamSpec, epoch_batches, eval_batches,
-    image_rows, list_shards, make_loader, make_seed, probe_embedding_shape, read_provenance, train_pipeline,
+    SAMPLING_CHOICES, EmbeddingStore, EmbeddingTransform, ExactPlan, ExampleBuilder, RejectLog, StreamSpec,
+    epoch_batches, eval_batches, exact_pipeline, image_rows, list_shards, make_loader, make_seed,
+    probe_embedding_shape, read_provenance, train_pipeline,
 )
 from .export import write_export
 from .lm import load_lm, materialize_lm
@@ -106,15 +107,27 @@ class Trainer:
         cfg = self.cfg
         self.rejects_dir = str(self.out / "rejects")
         load_log = RejectLog(cfg.on_error, self.rejects_dir if self.acc.is_main_process else None, tag="load")
+        if cfg.stage1_sampling not in SAMPLING_CHOICES:
+            raise ValueError(f"stage1_sampling must be one of {SAMPLING_CHOICES}, got {cfg.stage1_sampling!r}")
+        self.exact_plan = None
         if cfg.train_jsonl:
+            if cfg.stage1_sampling == "exact":
+                raise ValueError("--stage1-sampling exact applies to --train-shards (stage 1); stage-2 JSONL records "
+                                 "are always drawn as seeded permutations")
             store = EmbeddingStore(cfg.emb_npy, cfg.emb_shards and list_shards(cfg.emb_shards), cfg.on_error)
             self.train_spec = StreamSpec.from_jsonl(cfg.train_jsonl, store, load_log)
             self.val_spec = StreamSpec.from_jsonl(cfg.val_jsonl, store, load_log) if cfg.val_jsonl else None
             self.emb_shape = store.shape
             prov_src = cfg.emb_shards[0] if cfg.emb_shards else None
         elif cfg.train_shards:
-            self.train_spec = StreamSpec.from_shards(cfg.train_shards, prompt=cfg.prompt)
-            self.val_spec = StreamSpec.from_shards(cfg.val_shards, prompt=cfg.prompt) if cfg.val_shards else None
+            self.train_spec = StreamSpec.from_shards(cfg.train_shards, prompt=cfg.prompt, log=load_log)
+            self.val_spec = (StreamSpec.from_shards(cfg.val_shards, prompt=cfg.prompt, log=load_log)
+                             if cfg.val_shards else None)
+            if cfg.stage1_sampling == "exact":
+                self.exact_plan = ExactPlan.build(self.train_spec.shards, self.train_spec.extra["sizes"], seed=cfg.seed,
+                                                  batch_size=cfg.batch_size, world_size=self.world, log=load_log)
+                self.train_spec.shards = list(self.exact_plan.shards)
+                self.train_spec.num_samples = self.exact_plan.num_samples
             self.emb_shape = probe_embedding_shape(self.train_spec.shards)
             prov_src = self.train_spec.shards[0]
         else:
@@ -125,7 +138,10 @@ class Trainer:
         self.load_rejects = load_log.total
         self.provenance = read_provenance(prov_src) if prov_src else {"clip_fingerprint": None, "aligner": None}
         self.transform = EmbeddingTransform(cfg.l2_normalize, cfg.noise_std)
-        nb, per_worker = epoch_batches(self.train_spec.num_samples, cfg.batch_size, self.world, cfg.num_workers)
+        if self.exact_plan is not None:
+            nb, per_worker = self.exact_plan.batches_per_rank, None
+        else:
+            nb, per_worker = epoch_batches(self.train_spec.num_samples, cfg.batch_size, self.world, cfg.num_workers)
         self.batches_per_epoch, self.worker_batches = nb, per_worker
         self.max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * nb / cfg.grad_accum))
         self.resume_from = latest_checkpoint(self.out / "checkpoints") if cfg.resume else None
@@ -298,12 +314,18 @@ class Trainer:
         consumed so far (the stream is resampled, so the continuation is statistically the same)."""
         d = state["data"]
         consumed = d["consumed_batches_per_rank"]
+        old_plan = d.get("exact")
+        if self.exact_plan is not None and old_plan and old_plan.get("num_samples") != self.exact_plan.num_samples:
+            self._log(f"warning: the exact-pass plan changed since the checkpoint ({old_plan.get('num_samples')} -> "
+                      f"{self.exact_plan.num_samples} samples; see rejects/): the resumed epoch's order differs")
         if (d["world_size"], d["batch_size"], d["batches_per_epoch"]) != (self.world, self.cfg.batch_size,
                                                                          self.batches_per_epoch):
             samples = consumed * d["batch_size"] * d["world_size"]
             consumed = samples // (self.cfg.batch_size * self.world)
             self._log(f"data position re-derived for {self.world} processes x batch {self.cfg.batch_size}: "
-                      f"{samples} samples consumed -> {consumed} batches per rank")
+                      f"{samples} samples consumed -> {consumed} batches per rank"
+                      + ("; exact-pass sampling: the epoch plan depends on the world size and batch, so the "
+                         "once-per-epoch guarantee holds again from the next data epoch" if self.exact_plan else ""))
         return consumed - step * self.cfg.grad_accum
 
     def _fast_forward_schedule(self, step: int) -> None:
@@ -321,12 +343,19 @@ class Trainer:
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
         if self.trackers:
             self.acc.init_trackers(self.out.name or "anisogen", config=tracker_config(cfg.to_dict()))
+        if self.exact_plan is not None:
+            p = self.exact_plan.describe()
+            self._log(f"exact-pass sampling: {p['num_shards']} shards, {p['num_samples']} samples, "
+                      f"{p['samples_per_epoch']} trained per epoch, {p['dropped_per_epoch']} dropped per epoch "
+                      f"(the last of each epoch's seeded order, so every rank gets {p['batches_per_rank']} full batches)")
         self._log(f"{self.train_spec.num_samples} training samples, {self.batches_per_epoch} batches/rank/epoch, "
                   f"steps {start_step}->{self.max_steps} (warmup {self.warmup}), load-time rejects {self.load_rejects}, "
                   f"trackers {self.trackers or 'none'}")
         self.summary = {"is_main": self.acc.is_main_process, "start_step": start_step, "max_steps": self.max_steps,
                         "batches_per_epoch": self.batches_per_epoch, "world_size": self.world,
-                        "parallelism": self.parallel, "losses": [], "evals": []}
+                        "parallelism": self.parallel, "losses": [], "evals": [],
+                        "stage1_sampling": cfg.stage1_sampling if cfg.train_shards and not cfg.train_jsonl else None,
+                        "exact_plan": self.exact_plan.describe() if self.exact_plan is not None else None}
         self.totals = {"rejected": 0, "truncated": 0, "tokens": 0, "data_wait_s": 0.0, "step_s": 0.0}
         self.n_batches = 0
         self.bar = None
@@ -358,6 +387,17 @@ class Trainer:
     def _stream(self, consumed: int) -> Iterator[dict]:
         cfg = self.cfg
         epoch, skip = divmod(consumed, self.batches_per_epoch)
+        if self.exact_plan is not None:  # start at the cursor: nothing before it is read
+            while True:
+                pipe = exact_pipeline(self.train_spec, self.builder, self.exact_plan, rank=self.rank, epoch=epoch,
+                                      start=skip, on_error=cfg.on_error, rejects_dir=self.rejects_dir)
+                loader = make_loader(pipe, cfg.num_workers, seed=make_seed(cfg.seed, epoch, self.rank),
+                                     pin_memory=torch.cuda.is_available())
+                for batch in loader:
+                    batch["data_epoch"] = epoch
+                    yield batch
+                skip = 0
+                epoch += 1
         while True:
             pipe = train_pipeline(
                 self.train_spec, self.builder, batch_size=cfg.batch_size, num_worker_batches=self.worker_batches,
@@ -490,6 +530,10 @@ class Trainer:
                      "batches_per_epoch": self.batches_per_epoch, "world_size": self.world,
                      "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum},
         }
+        if self.exact_plan is not None:  # where a resumed exact-pass stream starts (= consumed, split by epoch)
+            epoch, cursor = divmod(state["data"]["consumed_batches_per_rank"], self.batches_per_epoch)
+            state["data"]["sampling"] = "exact"
+            state["data"]["exact"] = {"epoch": epoch, "batch_cursor": cursor, **self.exact_plan.describe()}
         save_checkpoint(self.out / "checkpoints", step, model=self.ddp,
                         optimizer=distributed.base_optimizer(self.optimizer), state=state, rank=self.rank,
                         is_main=self.acc.is_main_process, barrier=self.acc.wait_for_everyone)

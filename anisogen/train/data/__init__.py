@@ -6,8 +6,9 @@ Modules: :mod:`.common` (errors, seeds, embedding decoding and normalisation, th
 examples -> batches) and :mod:`.pipeline` (training stream, evaluation pass, loader). Every public
 name is re-exported here, so ``from anisogen.train.data import X`` is the import to use.
 
-All reading of generator shards goes through :func:`shard_samples` / :func:`decode_embedding`, so the
-trainer can switch to the shared ``anisogen.shards.reader`` in one place.
+Samples of generator shards are read through :func:`shard_samples` / :func:`decode_embedding`, so
+the trainer can switch to the shared ``anisogen.shards.reader`` in one place; the only other tar
+access is ``shard_stream.tar_members`` (member offsets: counting keys, the stage-2 store's index).
 
 Stage 1 samples (shards, schema of ``anisogen.shards``): ``__key__``, ``txt`` (caption, UTF-8),
 ``emb.npy`` ((d,) or (n, d); float16/float32, or uint16 holding bfloat16 bits), optional ``json``.
@@ -30,7 +31,10 @@ Batches (:class:`Collator`): ``input_ids``, ``labels``, ``attention_mask`` (B, T
 
 Streams:
 
-* training: ``ResampledShards`` (or a seeded permutation of records) -> shuffle -> examples -> full
+* training, stage 1 with ``stage1_sampling="exact"`` (:mod:`.exact`): a seeded exact pass -- every
+  planned sample once per data epoch, equal full batches per rank (the remainder of the epoch's
+  order is dropped and counted), a resume starts at a batch cursor without replaying the stream.
+* training (default, ``"resampled"``): ``ResampledShards`` (or a seeded permutation of records) -> shuffle -> examples -> full
   batches, cut with ``with_epoch(num_worker_batches)``, so every rank yields exactly the same number
   of batches per data epoch (no end-of-epoch DDP hang). Seeds depend on (seed, data epoch, rank,
   worker) only, so a stream is reproducible and a resumed run can skip to its position.
@@ -43,14 +47,16 @@ next batch, ``batch["n_rejected"]``) and written once per worker to ``rejects/*.
 
 from .common import ON_ERROR_CHOICES, EmbeddingTransform, RejectLog, SampleError, decode_embedding, make_seed
 from .examples import Collator, ExampleBuilder, image_rows
+from .exact import SAMPLING_CHOICES, ExactPlan, exact_pipeline
 from .pipeline import StreamSpec, epoch_batches, eval_batches, make_loader, train_pipeline
 from .shard_stream import (
     TRAIN_FIELDS, list_shards, probe_embedding_shape, read_provenance, read_sizes, sample_to_record, shard_samples,
+    shard_sizes,
 )
 from .store import EmbeddingStore, load_conversation_records, parse_conversation_record
 
 __all__ = [
-    "ON_ERROR_CHOICES", "TRAIN_FIELDS", "Collator", "EmbeddingStore", "EmbeddingTransform", "ExampleBuilder",
+    "ON_ERROR_CHOICES", "SAMPLING_CHOICES", "TRAIN_FIELDS", "ExactPlan", "exact_pipeline", "shard_sizes", "Collator", "EmbeddingStore", "EmbeddingTransform", "ExampleBuilder",
     "RejectLog", "SampleError", "StreamSpec", "decode_embedding", "epoch_batches", "eval_batches", "image_rows",
     "list_shards", "load_conversation_records", "make_loader", "make_seed", "parse_conversation_record",
     "probe_embedding_shape", "read_provenance", "read_sizes", "sample_to_record", "shard_samples", "train_pipeline",

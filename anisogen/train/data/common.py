@@ -30,18 +30,24 @@ def make_seed(*parts: int) -> int:
 
 
 def decode_embedding(raw, *, name: str) -> np.ndarray:
-    """Decode ``emb.npy`` bytes (or an array) into float32 (n, d) with the shard schema's rules
-    (float16/float32, uint16 = bfloat16 bits; never unpickles).
+    """Decode an embedding into float32 (n, d) with the shard schema's rules; never unpickles.
 
-    Raises :class:`SampleError` (naming ``name``) for unreadable data, wrong rank or NaN/Inf.
+    ``emb.npy`` member bytes go through :func:`anisogen.shards.decode.decode_member_embedding` (the one
+    shard decoder: float16 / float32 / uint16 = bfloat16 bits, shape (d,) only — (n, d) members are
+    reserved for a future format version — finite) and come back as (1, d). Arrays (rows of user
+    ``.npy`` files, export inputs) may be (d,) or (n, d) with the same dtype rules.
+
+    Raises :class:`SampleError` (naming ``name``) for unreadable data, wrong dtype/rank or NaN/Inf.
     """
-    if isinstance(raw, (bytes, bytearray)):
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        from ...shards.decode import ShardFormatError, decode_member_embedding
+
         try:
-            arr = shard_schema.npy_load(bytes(raw))
-        except Exception as exc:  # numpy raises ValueError/OSError/EOFError depending on the damage
-            raise SampleError(f"{name}: unreadable .npy embedding ({type(exc).__name__}: {exc})") from None
-    else:
-        arr = np.asarray(raw)
+            vec = decode_member_embedding(raw, shard=name, key="?")
+        except ShardFormatError as exc:
+            raise SampleError(f"{name}: {exc.reason}") from None
+        return vec[None, :]
+    arr = np.asarray(raw)
     try:
         arr = shard_schema.decode_embedding(arr)
     except ValueError as exc:
@@ -143,12 +149,17 @@ class RejectLog:
         """webdataset exception handler: a corrupt/unreadable shard is rejected (and never re-read
         by this worker) or, with ``on_error="fail"``, raised."""
         url = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), None)
-        url = url or "<unknown shard>"
+        url = url or getattr(exn, "filename", None) or "<unknown shard>"
+        if isinstance(exn, FileNotFoundError):
+            reason = f"missing shard file {url}"
+        else:
+            detail = exn.strerror if isinstance(exn, OSError) and exn.strerror else (exn.args[0] if exn.args else "")
+            reason = f"corrupt or unreadable shard {url}: {type(exn).__name__}: {detail}"
         if self.on_error == "fail":
-            raise SampleError(f"corrupt or unreadable shard {url}: {exn.args[0] if exn.args else exn!r}") from exn
+            raise SampleError(reason) from exn
         if url not in self.bad_shards:
             self.bad_shards.add(url)
-            self.reject(url, "*", f"corrupt or unreadable shard: {type(exn).__name__}: {exn.args[0] if exn.args else ''}")
+            self.reject(url, "*", reason)
         return True
 
     def take(self) -> int:

@@ -13,7 +13,7 @@ import webdataset as wds
 from .common import RejectLog, SampleError, make_seed
 from .examples import Collator, ExampleBuilder, Examples
 from .shard_stream import (
-    GuardAllBad, ShardSamples, WorkerShuffle, list_shards, read_sizes, reseeded_shards, shard_samples,
+    GuardAllBad, ShardSamples, WorkerShuffle, list_shards, reseeded_shards, shard_samples, shard_sizes,
 )
 from .store import EmbeddingStore, RecordSource, load_conversation_records
 
@@ -32,9 +32,16 @@ class StreamSpec:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_shards(cls, spec, prompt: str = "") -> "StreamSpec":
+    def from_shards(cls, spec, prompt: str = "", log: RejectLog | None = None) -> "StreamSpec":
+        """Shards of ``spec`` with their sizes (``extra["sizes"]``: {url: n}). A listed shard file that
+        does not exist (or cannot be sized) raises :class:`SampleError` naming it; with a skip-mode
+        ``log`` it is a counted reject and left out."""
         urls = list_shards(spec)
-        return cls(shards=urls, prompt=prompt, num_samples=read_sizes(urls))
+        sizes = shard_sizes(urls, log)
+        kept = [u for u in urls if u in sizes]
+        if not kept:
+            raise SampleError(f"no readable shards in {spec!r} (all {len(urls)} rejected; see the rejects file)")
+        return cls(shards=kept, prompt=prompt, num_samples=sum(sizes.values()), extra={"sizes": sizes})
 
     @classmethod
     def from_jsonl(cls, path: str, store: EmbeddingStore | None, log: RejectLog) -> "StreamSpec":

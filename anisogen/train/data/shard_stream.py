@@ -1,7 +1,7 @@
 """Stage 1: generator shards -- listing, sizes, provenance, and the raw sample stream.
 
-Every tar the trainer opens goes through :func:`shard_samples`, so the reader can be swapped in one
-place. The classes at the end are picklable webdataset stages (pipelines must pickle under spawn).
+Samples are read through :func:`shard_samples`, so the reader can be swapped in one place;
+:func:`tar_members` lists member offsets (key counts, the stage-2 store's on-demand index). The classes at the end are picklable webdataset stages (pipelines must pickle under spawn).
 """
 
 from __future__ import annotations
@@ -65,18 +65,38 @@ def _is_generator_folder(folder: Path) -> bool:
         raise ValueError(f"{mj}: invalid JSON ({exc})") from None
 
 
-def read_sizes(urls: Sequence[str]) -> int:
-    """Total number of samples in ``urls``, from ``sizes.json`` next to the shards (open_clip
-    convention), else ``manifest.json``, else by counting keys in the tars."""
-    total = 0
+def read_sizes(urls: Sequence[str], log: RejectLog | None = None) -> int:
+    """Total number of samples in ``urls`` (see :func:`shard_sizes`; a missing or unreadable shard is
+    an error, or with a skip-mode ``log`` a counted reject that contributes nothing)."""
+    return sum(shard_sizes(urls, log).values())
+
+
+def shard_sizes(urls: Sequence[str], log: RejectLog | None = None) -> dict[str, int]:
+    """``{url: number of samples}`` from ``sizes.json`` next to the shards (open_clip convention), else
+    ``manifest.json``, else by counting keys in the tar.
+
+    A shard file that does not exist, or whose samples must be counted but cannot be read (truncated,
+    not a tar), raises :class:`SampleError` naming the file -- or, when ``log`` is given with
+    ``on_error="skip"``, is rejected through ``log`` (reason naming the file, marked bad) and left out
+    of the result. A size is never silently 0.
+    """
+    out: dict[str, int] = {}
     cache: dict[Path, dict] = {}
     for url in urls:
-        folder = Path(url).parent
-        if folder not in cache:
-            cache[folder] = _folder_sizes(folder)
-        n = cache[folder].get(Path(url).name)
-        total += int(_count_tar_samples(url) if n is None else n)
-    return total
+        try:
+            if not os.path.isfile(url):
+                raise SampleError(f"missing shard file {url}")
+            folder = Path(url).parent
+            if folder not in cache:
+                cache[folder] = _folder_sizes(folder)
+            n = cache[folder].get(Path(url).name)
+            out[url] = int(_count_tar_samples(url) if n is None else n)
+        except SampleError as exc:
+            if log is None or log.on_error == "fail":
+                raise
+            log.bad_shards.add(url)
+            log.reject(url, "*", str(exc))
+    return out
 
 
 def _folder_sizes(folder: Path) -> dict:
@@ -93,17 +113,54 @@ def _folder_sizes(folder: Path) -> dict:
 
 
 def _count_tar_samples(url: str) -> int:
+    """Number of distinct sample keys in a tar; raises :class:`SampleError` naming the file when it is
+    missing, truncated or not a tar."""
+    return len({key for key, _, _, _ in tar_members(url)})
+
+
+def tar_members(url: str) -> list[tuple[str, str, int, int]]:
+    """``[(key, extension, data offset, size)]`` of the regular files in a tar, in tar order (webdataset
+    key rules: the key is the path up to the first dot of the file name).
+
+    Raises :class:`SampleError` naming the file when it is missing, truncated or not a tar."""
     import tarfile
 
-    keys = set()
+    from webdataset.tariterators import base_plus_ext
+
+    if not os.path.isfile(url):
+        raise SampleError(f"missing shard file {url}")
+    out = []
     try:
-        with tarfile.open(url) as tf:
-            for m in tf.getmembers():
-                if m.isreg():
-                    keys.add(Path(m.name).name.split(".", 1)[0])
-    except (tarfile.TarError, OSError):
-        return 0
-    return len(keys)
+        with tarfile.open(url, "r:") as tf:
+            for m in tf:
+                if not m.isreg():
+                    continue
+                key, ext = base_plus_ext(m.name)
+                if key is None:
+                    continue
+                out.append((key, ext, int(m.offset_data), int(m.size)))
+                if m.offset_data + m.size > os.path.getsize(url):
+                    raise tarfile.ReadError(f"member {m.name} runs past the end of the file")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise SampleError(f"corrupt or unreadable shard {url} (truncated or not a tar): {type(exc).__name__}: {exc}") from None
+    if not out:
+        raise SampleError(f"shard {url} holds no samples (empty or not a tar)")
+    return out
+
+
+def check_tar_header(url: str) -> None:
+    """Cheap plan-time check (reads 512 bytes): the file exists and starts with a valid tar header.
+    Raises :class:`SampleError` naming the file."""
+    import tarfile
+
+    if not os.path.isfile(url):
+        raise SampleError(f"missing shard file {url}")
+    with open(url, "rb") as f:
+        head = f.read(tarfile.BLOCKSIZE)
+    try:
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as exc:
+        raise SampleError(f"corrupt or unreadable shard {url} (not a tar: {exc})") from None
 
 
 def read_provenance(shard_folder: str | os.PathLike) -> dict:

@@ -10,11 +10,17 @@ from webdataset.utils import pytorch_worker_info
 
 from ..templates import IMAGE_MARKER, TemplateError, normalize_conversation
 from .common import RejectLog, SampleError, decode_embedding
-from .shard_stream import shard_samples
+from .shard_stream import tar_members
 
 
 class EmbeddingStore:
-    """Embeddings addressable by shard key (loaded from shards into one array) or by ``.npy`` row.
+    """Embeddings addressable by shard key (``--emb-shards``) or by ``.npy`` row (``--emb-npy``).
+
+    Nothing is held in RAM beyond an index: the ``.npy`` is memory-mapped (``mmap_mode="r"``), and the
+    shards are scanned once into ``{key: (tar, data offset, size)}`` (every embedding is decoded once
+    then to reject bad ones and check that all shapes agree, and dropped); ``get`` reads and decodes
+    one ``emb.npy`` member from its tar on demand. A pickled store (DataLoader workers) carries only
+    the index and reopens the files.
 
     ``get(ref)`` returns float32 (n, d) before normalisation, or raises :class:`SampleError`.
     """
@@ -22,39 +28,74 @@ class EmbeddingStore:
     def __init__(self, npy_path: str | None = None, shard_urls: Sequence[str] | None = None, on_error: str = "skip"):
         self.npy_path = npy_path
         self._npy = None
-        self._keys: dict[str, int] = {}
-        self._table: np.ndarray | None = None
+        self._keys: dict[str, tuple[int, int, int]] = {}
+        self._urls: list[str] = []
+        self._emb_shape: tuple[int, int] | None = None
+        self._files: dict = {}
+        self.shard_rejects = 0
         if npy_path is not None:
             arr = np.load(npy_path, mmap_mode="r", allow_pickle=False)
             if arr.ndim not in (2, 3):
                 raise ValueError(f"{npy_path}: embeddings must have shape (N, d) or (N, n, d), got {arr.shape}")
             self.npy_shape = arr.shape
         if shard_urls:
-            self._load_shards(shard_urls, RejectLog(on_error))
+            self._index_shards(shard_urls, RejectLog(on_error))
 
-    def _load_shards(self, shard_urls: Sequence[str], log: RejectLog) -> None:
-        rows, keys = [], {}
-        for sample in shard_samples(({"url": u} for u in shard_urls), log):
-            key = sample["__key__"]
-            if "emb.npy" not in sample:
-                log.reject(sample["__url__"], key, "missing field 'emb.npy'")
-                continue
+    def _index_shards(self, shard_urls: Sequence[str], log: RejectLog) -> None:
+        shapes: set = set()
+        for url in shard_urls:
             try:
-                emb = decode_embedding(sample["emb.npy"], name=f"{key} in {sample['__url__']}")
+                members = tar_members(url)
             except SampleError as exc:
-                log.reject(sample["__url__"], key, str(exc))
+                if log.on_error == "fail":
+                    raise
+                log.reject(url, "*", str(exc))
                 continue
-            if key in keys:
-                raise ValueError(f"duplicate shard key {key!r} in {sample['__url__']}")
-            keys[key] = len(rows)
-            rows.append(emb)
-        if rows:
-            shapes = {r.shape for r in rows}
-            if len(shapes) > 1:
-                raise ValueError(f"embeddings in {shard_urls[0]}... have different shapes: {sorted(shapes)}")
-            self._table = np.stack(rows)
-        self._keys = keys
+            u = len(self._urls)
+            self._urls.append(url)
+            by_key: dict[str, tuple[int, int] | None] = {}
+            for key, ext, offset, size in members:
+                by_key.setdefault(key, None)
+                if ext == "emb.npy":
+                    by_key[key] = (offset, size)
+            with open(url, "rb") as f:
+                for key, loc in by_key.items():
+                    if loc is None:
+                        log.reject(url, key, "missing field 'emb.npy'")
+                        continue
+                    f.seek(loc[0])
+                    try:
+                        emb = decode_embedding(f.read(loc[1]), name=f"{key} in {url}")
+                    except SampleError as exc:
+                        log.reject(url, key, str(exc))
+                        continue
+                    if key in self._keys:
+                        raise ValueError(f"duplicate shard key {key!r} in {url}")
+                    self._keys[key] = (u, loc[0], loc[1])
+                    shapes.add(emb.shape)
+        if len(shapes) > 1:
+            raise ValueError(f"embeddings in {shard_urls[0]}... have different shapes: {sorted(shapes)}")
+        if shapes:
+            n, d = next(iter(shapes))
+            self._emb_shape = (int(n), int(d))
         self.shard_rejects = log.total
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"], state["_npy"] = {}, None
+        return state
+
+    def _read_member(self, key: str) -> np.ndarray:
+        u, offset, size = self._keys[key]
+        url = self._urls[u]
+        f = self._files.get(u)
+        if f is None:
+            f = self._files[u] = open(url, "rb")
+        f.seek(offset)
+        raw = f.read(size)
+        if len(raw) != size:
+            raise SampleError(f"embedding {key!r} in {url}: the shard changed or was truncated since it was indexed")
+        return decode_embedding(raw, name=f"{key} in {url}")
 
     def _npy_array(self):
         if self._npy is None:
@@ -64,8 +105,8 @@ class EmbeddingStore:
     @property
     def shape(self) -> tuple[int, int]:
         """(n, d) of one stored embedding."""
-        if self._table is not None:
-            return int(self._table.shape[1]), int(self._table.shape[2])
+        if self._emb_shape is not None:
+            return self._emb_shape
         if self.npy_path is not None:
             s = self.npy_shape
             return (1, int(s[1])) if len(s) == 2 else (int(s[1]), int(s[2]))
@@ -92,7 +133,7 @@ class EmbeddingStore:
         """Raise :class:`SampleError` if ``ref`` does not resolve to a stored embedding."""
         kind, val = self.resolve(ref)
         if kind == "key":
-            if self._table is None and not self._keys:
+            if not self._urls:
                 raise SampleError(f"embedding key {val!r}: no --emb-shards given to look shard keys up in")
             if val not in self._keys:
                 raise SampleError(f"missing embedding key {val!r} (not in the embedding shards)")
@@ -106,7 +147,7 @@ class EmbeddingStore:
         self.check(ref)
         kind, val = self.resolve(ref)
         if kind == "key":
-            return np.asarray(self._table[self._keys[val]], dtype=np.float32)
+            return self._read_member(val)
         return decode_embedding(np.array(self._npy_array()[val]), name=f"row {val}")
 
 
