@@ -32,6 +32,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -458,7 +459,7 @@ def _generate_shards(run: _Run, aligner) -> dict[str, int]:
         make_context = lambda: build_context(cfg, dist.device, out=out, bundle=run.bundle, aligner=aligner,  # noqa: E731
                                              corpus=run.corpus, encoder=run.encoder)
         if num_rows is None:
-            plan = StreamPlan(cfg.samples_per_shard, dist.rank, dist.world, lambda i: is_pending(out, i, cfg.verify))
+            plan = StreamPlan(cfg.samples_per_shard, dist.rank, dist.world, partial(is_pending, out, verify=cfg.verify))
             rows = run_local(None, make_context, on_record, workers=cfg.workers, stream=plan, on_event=run.on_event)
             header["input_rows"], header["num_tasks"] = rows, -(-rows // cfg.samples_per_shard)
         else:
