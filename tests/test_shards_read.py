@@ -333,3 +333,14 @@ def test_gnu_and_pax_tars(tmp_path):
         tf.addfile(info, io.BytesIO(b"x"))
     with pytest.raises(ShardFormatError, match="unsupported tar member type: pax extended header"):
         reader.read_shard(long, fields=("txt",))
+
+
+def test_a_damaged_manifest_is_a_one_line_value_error(tmp_path):
+    from anisogen.shards import load_manifest
+
+    (tmp_path / "manifest.json").write_text('{"format": "anisogen-shards", "status": ')
+    with pytest.raises(ValueError, match=r"manifest\.json: not valid JSON .*--overwrite"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected 'anisogen-shards'"):
+        load_manifest(tmp_path)

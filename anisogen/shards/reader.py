@@ -52,8 +52,13 @@ def load_manifest(folder: str | os.PathLike, *, require_complete: bool = True) -
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME}; not a generated shard folder (or the run never started)")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); the shard folder's manifest is damaged "
+                         "(regenerate the folder: generate.py with --overwrite)") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        manifest = manifest if isinstance(manifest, dict) else {}
         raise ValueError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
     if require_complete and manifest.get("status") != "complete":
         n = len(manifest.get("shards", []))
