@@ -40,6 +40,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .embeddings import NORM_ATOL, check_embeddings
+from .cli import UserError
 
 #: Folder-level meta files written by ``write_embedding_set`` (``encode/images.py``, ``encode/text_corpus.py``).
 FOLDER_META_FILES = ("img_emb.json", "text_emb.json")
@@ -48,7 +49,7 @@ DTYPES = (np.float16, np.float32, np.float64, np.uint16)
 DEFAULT_CHUNK = 65536
 
 
-class EmbeddingFileError(ValueError):
+class EmbeddingFileError(UserError):
     """An embedding file, folder or sidecar is missing, unreadable, inconsistent or from another model."""
 
 

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     try:
         report = run_audit(cfg)
     except (AuditInputError, GateError) as exc:
-        print(f"audit error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     rows = [{"name": r["label"], **r["metrics"]} for r in report["folders"]]
     for n_table, columns in enumerate((TABLE_COLUMNS, PAIRED_COLUMNS)):
@@ -125,4 +125,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from anisogen.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 
+from anisogen.cli import UserError  # noqa: E402
 from anisogen.align import ALIGNERS
 from anisogen.align.compare import METHOD_COLUMNS, compare_aligners
 from anisogen.embedding_files import EmbeddingFileError, open_embeddings
@@ -60,11 +61,11 @@ def load_data(args):
         return fit_text, fit_image, held.image, held.text
     paths = [args.fit_text, args.fit_image, args.heldout_text, args.heldout_image]
     if not all(paths):
-        sys.exit("error: give --synthetic or all of --fit-text --fit-image --heldout-text --heldout-image")
+        raise UserError("give --synthetic or all of --fit-text --fit-image --heldout-text --heldout-image")
     try:  # files, folders or globs of .npy, checked (2-D, same d, finite) by anisogen.embedding_files
         fit_text, fit_image, held_text, held_image = [open_embeddings(p).load(dtype=np.float64) for p in paths]
     except EmbeddingFileError as exc:
-        sys.exit(f"error: {exc}")
+        raise UserError(f"{exc}")
     return fit_text, fit_image, held_image, held_text
 
 
@@ -99,4 +100,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from anisogen.cli import run_cli
+
+    sys.exit(run_cli(main))

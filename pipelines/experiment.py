@@ -47,20 +47,21 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from anisogen.cli import UserError
     from anisogen.experiment import preset, run_experiment, write_report
     from anisogen.experiment.runner import check_readme
 
     if args.readme:
         if not args.doc:
-            sys.exit("error: --readme needs --doc (the README block points at the report)")
+            raise UserError("--readme needs --doc (the README block points at the report)")
         try:
             check_readme(args.readme)  # before hours of work, not after
         except ValueError as exc:
-            sys.exit(f"error: {exc}")
+            raise UserError(f"{exc}")
     if args.report_only:
         res_file = Path(args.out) / "results.json"
         if not res_file.is_file():
-            sys.exit(f"error: {res_file} does not exist; run the experiment first")
+            raise UserError(f"{res_file} does not exist; run the experiment first")
         write_report(json.loads(res_file.read_text()), args.doc, args.readme)
         print(f"wrote {args.doc}")
         return 0
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         overrides["stage2_seeds"] = tuple(args.stage2_seeds)
     for item in args.set:
         if "=" not in item:
-            sys.exit(f"error: --set {item!r} must be KEY=JSON")
+            raise UserError(f"--set {item!r} must be KEY=JSON")
         k, v = item.split("=", 1)
         try:
             overrides[k] = json.loads(v)
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     try:
         cfg = preset(args.preset, args.out, **overrides)
     except ValueError as exc:
-        sys.exit(f"error: {exc}")
+        raise UserError(f"{exc}")
     command = "python pipelines/experiment.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     run_experiment(cfg, doc_path=args.doc or None, readme_path=args.readme, command=command.strip(),
                    stage2=not args.no_stage2)
@@ -91,4 +92,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from anisogen.cli import run_cli
+
+    sys.exit(run_cli(main))

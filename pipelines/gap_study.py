@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from anisogen.align import ALIGNERS  # noqa: E402
+from anisogen.cli import UserError  # noqa: E402
 from anisogen.encode import load_clip  # noqa: E402
 from anisogen.toyworld.gap_study import DIAGNOSTICS, render_markdown, run_gap_study  # noqa: E402
 
@@ -34,7 +35,7 @@ def parse_set(values: list[str]) -> dict[str, dict]:
             key, raw = item.split("=", 1)
             name, param = key.rsplit(".", 1)
         except ValueError:
-            raise SystemExit(f"error: --set expects ALIGNER.PARAM=VALUE, got {item!r}") from None
+            raise UserError(f"--set expects ALIGNER.PARAM=VALUE, got {item!r}") from None
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -150,4 +151,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from anisogen.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -17,4 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from anisogen.generate.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from anisogen.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -91,4 +91,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from anisogen.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from ..cli import UserError
+
 OPERATORS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt,
              "<": operator.lt}
 
@@ -26,7 +28,7 @@ METRIC_ALIASES = {
 _RULE = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|==|!=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
 
 
-class GateError(ValueError):
+class GateError(UserError):
     """A ``--fail-if`` rule that cannot be parsed or names an unknown metric."""
 
 

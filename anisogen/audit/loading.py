@@ -46,9 +46,10 @@ from ..embeddings import check_embeddings
 from ..shards import ALIGNER_DIRNAME, decode_embedding, iter_raw_samples, load_manifest
 from ..shards.schema import MANIFEST_NAME
 from ..shards.writer import file_sha256
+from ..cli import UserError
 
 
-class AuditInputError(ValueError):
+class AuditInputError(UserError):
     """An audit input is missing, corrupt, inconsistent or from another model; the message names it."""
 
 

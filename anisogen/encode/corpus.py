@@ -41,6 +41,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..cli import UserError
+
 REJECT_REASONS = ("missing_field", "non_string", "empty", "invalid_unicode", "invalid_json", "duplicate")
 
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -70,7 +72,7 @@ class Reject:
         return {"row": self.row, "task": task, "id": self.id, "reason": self.reason, "detail": self.detail}
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """The corpus cannot be read at all (missing files, unknown format, field absent everywhere)."""
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..shards.schema import EMB_DTYPES
+from ..cli import UserError
 
 
 def _has_glob_matches(pattern: str) -> bool:
@@ -22,7 +23,7 @@ def _has_glob_matches(pattern: str) -> bool:
     return any(ch in pattern for ch in "*?[") and bool(glob.glob(pattern))
 
 
-class GenerateInputError(ValueError):
+class GenerateInputError(UserError):
     """A user error in what the flags point to (unknown aligner or model, bad parameter, unreadable image
     source, an aligner fitted for another model, a corrupt output folder): reported in one line, exit 2."""
 

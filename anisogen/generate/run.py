@@ -49,6 +49,7 @@ from .config import GenerateConfig, GenerateInputError
 from .context import DEDUP_NAME, ContextFactory, build_context, is_pending, make_encoder, open_corpus
 from .faults import FaultInjector, OnEvent, no_event
 from .task import assign, plan_tasks
+from ..cli import UserError
 
 logger = logging.getLogger("anisogen.generate")
 
@@ -58,7 +59,7 @@ FIT_CHUNK = 4096
 ALIGN_PATH = "device-fp32-block"
 
 
-class ConfigMismatch(RuntimeError):
+class ConfigMismatch(UserError, RuntimeError):
     """The output folder holds a run with a different config fingerprint."""
 
 

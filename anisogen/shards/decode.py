@@ -23,9 +23,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .schema import EMB_EXT, META_EXT, SRC_EXT, TEXT_EXT
+from ..cli import UserError
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(UserError):
     """A shard (or one of its samples) violates the format; ``shard``, ``key`` and ``reason`` say where and why."""
 
     def __init__(self, shard: str, key: str, reason: str):

@@ -35,9 +35,10 @@ from .decode import (
     missing_member, npy_layout, storage_to_float32,
 )
 from .schema import FORMAT, MANIFEST_NAME, REJECTS_NAME, SRC_EXT, parse_key
+from ..cli import UserError
 
 
-class IncompleteRunError(RuntimeError):
+class IncompleteRunError(UserError, RuntimeError):
     """The shard folder's manifest says the generation run has not finished."""
 
 

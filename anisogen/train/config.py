@@ -19,6 +19,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from ..cli import UserError
+
 #: Config fields that do not change the training trajectory (may differ on resume).
 NON_TRAJECTORY = {
     "resume", "halt_at_step", "progress", "eval_every", "eval_max_batches", "log_generations", "max_new_tokens",
@@ -29,6 +31,10 @@ NON_TRAJECTORY = {
 #: Fields added after checkpoints existed: at this value they are left out of the fingerprint (and a
 #: stored config without them reads as this value), so older checkpoints still resume.
 ADDED_DEFAULTS = {"stage1_sampling": "resampled"}
+
+class TrainInputError(UserError):
+    """A training run cannot start as configured (flags, data, checkpoint or --init-from): one line, exit 2."""
+
 
 REPORT_TO_HELP = ("experiment trackers through accelerate: 'auto' (TensorBoard, plus wandb / mlflow when "
                   "installed and configured by WANDB_API_KEY / WANDB_MODE / MLFLOW_TRACKING_URI), 'none', or a "

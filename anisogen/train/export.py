@@ -32,6 +32,7 @@ from .data import EmbeddingTransform, decode_embedding
 from .model import EmbeddingLM
 from .projector import projector_from_description
 from .templates import IMAGE_MARKER, caption_conversation, get_template
+from ..cli import UserError
 
 EXPORT_FORMAT = "anisogen-embedding-lm"
 EXPORT_VERSION = 1
@@ -210,7 +211,7 @@ def load_export(path, *, device: str | torch.device = "cpu", dtype: torch.dtype 
         raise FileNotFoundError(f"{path} is not an export (no config.json)")
     cfg = json.loads(cfg_file.read_text())
     if cfg.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{cfg_file}: not an anisogen export (format={cfg.get('format')!r})")
+        raise UserError(f"{cfg_file}: not an anisogen export (format={cfg.get('format')!r})")
     dtype = dtype or torch.float32
     if cfg.get("lm_saved_in_export"):
         lm = AutoModelForCausalLM.from_pretrained(str(path / "lm"), dtype=dtype)

@@ -40,6 +40,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from ..cli import UserError
+
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
 #: Text put before the image by ``image_prefix="auto"`` when the tokenizer has no BOS token.
@@ -52,7 +54,7 @@ VICUNA_SYSTEM = (
 )
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError):
     """A conversation cannot be encoded (bad roles, missing/duplicate ``<image>``, too long...)."""
 
 

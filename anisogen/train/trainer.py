@@ -36,7 +36,7 @@ import torch
 from . import distributed
 from .checkpoint import gather_trainable, latest_checkpoint, load_checkpoint, load_trainable, prune_checkpoints, \
     read_state, save_checkpoint, trainable_tensors
-from .config import REPORT_TO_HELP, TrainConfig  # noqa: F401  (re-exported: anisogen.train.trainer.TrainConfig)
+from .config import TrainInputError, REPORT_TO_HELP, TrainConfig  # noqa: F401  (re-exported: anisogen.train.trainer.TrainConfig)
 from .data import (
     SAMPLING_CHOICES, EmbeddingStore, EmbeddingTransform, ExactPlan, ExampleBuilder, RejectLog, StreamSpec,
     epoch_batches, eval_batches, exact_pipeline, image_rows, list_shards, make_loader, make_seed,
@@ -85,7 +85,7 @@ class Trainer:
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
         if mp not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be auto, no or bf16 (fp16 is unstable here), got {mp!r}")
+            raise TrainInputError(f"mixed_precision must be auto, no or bf16 (fp16 is unstable here), got {mp!r}")
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -96,7 +96,7 @@ class Trainer:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.parallel = distributed.kind(self.acc)
         if self.parallel == "deepspeed" and (cfg.save_every > 0 or cfg.halt_at_step > 0):
-            raise ValueError("checkpoints under DeepSpeed are not supported (DeepSpeed's own format is pickle-based); "
+            raise TrainInputError("checkpoints under DeepSpeed are not supported (DeepSpeed's own format is pickle-based); "
                              "use FSDP (docs/accelerate/fsdp.yaml) for resumable sharded runs, or drop "
                              "--save-every/--halt-at-step")
         if self.acc.is_main_process:
@@ -108,11 +108,11 @@ class Trainer:
         self.rejects_dir = str(self.out / "rejects")
         load_log = RejectLog(cfg.on_error, self.rejects_dir if self.acc.is_main_process else None, tag="load")
         if cfg.stage1_sampling not in SAMPLING_CHOICES:
-            raise ValueError(f"stage1_sampling must be one of {SAMPLING_CHOICES}, got {cfg.stage1_sampling!r}")
+            raise TrainInputError(f"stage1_sampling must be one of {SAMPLING_CHOICES}, got {cfg.stage1_sampling!r}")
         self.exact_plan = None
         if cfg.train_jsonl:
             if cfg.stage1_sampling == "exact":
-                raise ValueError("--stage1-sampling exact applies to --train-shards (stage 1); stage-2 JSONL records "
+                raise TrainInputError("--stage1-sampling exact applies to --train-shards (stage 1); stage-2 JSONL records "
                                  "are always drawn as seeded permutations")
             store = EmbeddingStore(cfg.emb_npy, cfg.emb_shards and list_shards(cfg.emb_shards), cfg.on_error)
             self.train_spec = StreamSpec.from_jsonl(cfg.train_jsonl, store, load_log)
@@ -131,9 +131,9 @@ class Trainer:
             self.emb_shape = probe_embedding_shape(self.train_spec.shards)
             prov_src = self.train_spec.shards[0]
         else:
-            raise ValueError("no training data: give --train-shards (stage 1) or --train-jsonl (stage 2)")
+            raise TrainInputError("no training data: give --train-shards (stage 1) or --train-jsonl (stage 2)")
         if self.train_spec.extra.get("text_only") and cfg.template == "plain":
-            raise ValueError(f"{cfg.train_jsonl}: {self.train_spec.extra['text_only']} text-only conversations "
+            raise TrainInputError(f"{cfg.train_jsonl}: {self.train_spec.extra['text_only']} text-only conversations "
                              f"cannot use --template plain (captions need an image); use vicuna_v1 or hf_chat")
         self.load_rejects = load_log.total
         self.provenance = read_provenance(prov_src) if prov_src else {"clip_fingerprint": None, "aligner": None}
@@ -158,10 +158,10 @@ class Trainer:
             ecfg = json.loads((src / "config.json").read_text())
             want, have = ecfg["projector"], projector.describe()
             if want != have:
-                raise ValueError(f"--init-from {src}: projector {want} does not match this run's projector {have}")
+                raise TrainInputError(f"--init-from {src}: projector {want} does not match this run's projector {have}")
             stage1_l2 = ecfg.get("normalization", {}).get("l2_normalize")
             if stage1_l2 is not None and bool(stage1_l2) != self.cfg.l2_normalize:
-                raise ValueError(f"--init-from {src} was trained with l2_normalize={stage1_l2}; this run has "
+                raise TrainInputError(f"--init-from {src} was trained with l2_normalize={stage1_l2}; this run has "
                                  f"{self.cfg.l2_normalize}: the embedding normalisation must not change between stages")
             for k in ("clip_fingerprint", "aligner"):
                 if self.provenance.get(k) is None:
@@ -169,7 +169,7 @@ class Trainer:
         try:
             projector.load_state_dict(load_file(str(file)))
         except RuntimeError as exc:
-            raise ValueError(f"--init-from {file}: projector weights do not fit ({exc})") from None
+            raise TrainInputError(f"--init-from {file}: projector weights do not fit ({exc})") from None
 
     def _build_model(self, *, main: bool):
         """LM + projector + the method's modules. ``main=False`` builds a CPU replica on this process
@@ -280,7 +280,7 @@ class Trainer:
             return 0
         state = read_state(self.resume_from)
         if state.get("config_fingerprint") != cfg.fingerprint():
-            raise ValueError(f"{self.resume_from}: the checkpoint was written under a different config "
+            raise TrainInputError(f"{self.resume_from}: the checkpoint was written under a different config "
                              f"(changed: {cfg.changed_fields(state.get('config', {}))}); use a new --output-dir "
                              f"or --no-resume")
         self._check_global_batch(state)
@@ -303,7 +303,7 @@ class Trainer:
         per_step = self.cfg.batch_size * self.world
         hint = (f"--grad-accum {old // per_step}" if old % per_step == 0
                 else f"a --batch-size and --grad-accum with batch x accum x {self.world} processes = {old}")
-        raise ValueError(
+        raise TrainInputError(
             f"{self.resume_from}: the checkpoint was trained with a global batch of {old} samples per step "
             f"({d['world_size']} processes x batch {d['batch_size']} x accum {d['grad_accum']}); this launch gives "
             f"{new} ({self.world} x {self.cfg.batch_size} x {self.cfg.grad_accum}). Keep the global batch: use {hint}")

@@ -1,0 +1,57 @@
+"""One error convention for every command line (``pipelines/*.py``).
+
+A **user error** (a missing or unreadable input, a bad flag value, data that cannot be used) prints one
+line ``error: <what> (<file / flag / row>): <how to fix>`` on stderr and exits 2. Anything else is an
+internal error: it keeps its traceback and exits 1. Ctrl-C exits 130 with one line.
+
+User errors are :class:`UserError` (and its subclasses across the package: ``CorpusError``,
+``GenerateInputError``, ``ConfigMismatch``, ``AuditInputError``, ``EmbeddingFileError``, ``ShardFormatError``,
+``IncompleteRunError``, ``TrainInputError``, ...) plus the OS's "this path" errors (``FileNotFoundError``,
+``NotADirectoryError``, ``IsADirectoryError``, ``PermissionError``). Scripts end with::
+
+    if __name__ == "__main__":
+        sys.exit(run_cli(main))
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(ValueError):
+    """An error the user can fix from the command line; its message is one line saying how."""
+
+
+PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    return isinstance(exc, (UserError,) + PATH_ERRORS)
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line (OS errors as ``<path>: <reason>``)."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def run_cli(main: Callable[..., int | None], argv: Sequence[str] | None = None) -> int:
+    """Call ``main(argv)`` (or ``main()``) and turn user errors into one line and exit status 2."""
+    try:
+        rc = main(argv) if argv is not None else main()
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return int(rc or 0)
