@@ -232,3 +232,28 @@ def test_bad_sidecar_and_bad_arrays(tmp_path, rows):
     np.savez(tmp_path / "p.npz", image=rows)
     with pytest.raises(AuditInputError, match=r"p\.npz: paired \.npz needs arrays 'image' and 'text'; missing \['text'\]"):
         load_paired(tmp_path / "p.npz")
+
+
+def test_manifest_that_disagrees_with_the_disk_or_its_totals_is_refused(folder):
+    import shutil
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    # a manifest that lists fewer shards than the folder holds
+    short = {**manifest, "shards": manifest["shards"][:3], "num_tasks": 3,
+             "totals": {**manifest["totals"], "shards": 3, "samples": 300}}
+    (folder / "manifest.json").write_text(json.dumps(short))
+    with pytest.raises(AuditInputError, match=r"1 shard file\(s\) on disk are not in manifest\.json .*shard-000003\.tar"):
+        load_shard_folder(folder)
+    # entries that disagree with totals
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "totals": {**manifest["totals"], "samples": 999}}))
+    with pytest.raises(AuditInputError, match=r"totals say 999 samples but the shard entries add up to 350"):
+        load_shard_folder(folder)
+    # a complete run whose task count disagrees with its entries
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "num_tasks": 5}))
+    with pytest.raises(AuditInputError, match=r"5 tasks lists 4 shards"):
+        load_shard_folder(folder)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert load_shard_folder(folder).n_total == 350
+    shutil.copy(folder / "shard-000000.tar", folder / "shard-000009.tar")
+    with pytest.raises(AuditInputError, match="shard-000009.tar"):
+        load_shard_folder(folder)

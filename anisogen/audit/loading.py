@@ -140,10 +140,11 @@ def load_shard_folder(path: str | os.PathLike, *, label: str | None = None, max_
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AuditInputError(f"{folder / MANIFEST_NAME}: not valid JSON ({exc})") from None
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RuntimeError: IncompleteRunError
-        raise AuditInputError(f"{folder}: {exc}") from None
+        raise AuditInputError(str(exc) if str(folder) in str(exc) else f"{folder}: {exc}") from None
     dim = int(manifest["dim"])
     fingerprint = manifest.get("model_fingerprint")
     entries = manifest.get("shards", [])
+    _check_manifest_consistency(folder, manifest, entries)
     starts = np.cumsum([0] + [int(e["nsamples"]) for e in entries])
     total = int(starts[-1])
     positions = sample_positions(total, max_samples, seed)
@@ -210,6 +211,28 @@ def load_shard_folder(path: str | os.PathLike, *, label: str | None = None, max_
         model_fingerprint=fingerprint, aligner=manifest.get("aligner"), manifest=_manifest_summary(manifest),
         skipped=skipped, warnings=warnings,
     )
+
+
+def _check_manifest_consistency(folder: Path, manifest: dict, entries: list[dict]) -> None:
+    """The manifest's entries, its ``totals``/``num_tasks`` and the tars on disk must tell one story: an audit of
+    a subset that looks like the whole would be silent data loss."""
+    names = [e.get("name") for e in entries]
+    if len(set(names)) != len(names):
+        raise AuditInputError(f"{folder / MANIFEST_NAME}: lists a shard twice; regenerate the manifest (rerun generate)")
+    totals = manifest.get("totals", {})
+    listed = {"shards": len(entries), "samples": sum(int(e.get("nsamples", 0)) for e in entries)}
+    for key, value in listed.items():
+        if key in totals and int(totals[key]) != value:
+            raise AuditInputError(f"{folder / MANIFEST_NAME}: totals say {totals[key]} {key} but the shard entries "
+                                  f"add up to {value}; the manifest is inconsistent (rerun generate to rewrite it)")
+    if manifest.get("num_tasks") is not None and int(manifest["num_tasks"]) != len(entries):
+        raise AuditInputError(f"{folder / MANIFEST_NAME}: a complete run of {manifest['num_tasks']} tasks lists "
+                              f"{len(entries)} shards; the manifest is inconsistent (rerun generate to rewrite it)")
+    extra = sorted({p.name for p in folder.glob("shard-*.tar")} - set(names))
+    if extra:
+        raise AuditInputError(f"{folder}: {len(extra)} shard file(s) on disk are not in {MANIFEST_NAME} (e.g. "
+                              f"{', '.join(extra[:3])}): auditing only the listed ones would silently skip them; "
+                              "move them away or regenerate the folder")
 
 
 def _shard_file_problem(path: Path, entry: dict) -> str | None:
