@@ -132,6 +132,15 @@ def _check_conversation(msgs: list[dict], *, for_generation: bool, allow_text_on
     return n_img
 
 
+def check_training_conversation(msgs: list[dict], *, text_only: bool) -> None:
+    """The structure every template needs of a training conversation (roles alternate from the user, it
+    ends on the assistant, one ``<image>`` in a user/system turn, none if ``text_only``): the check the
+    stage-2 loader runs once per record, so a bad one is rejected at load, not again every epoch."""
+    n_img = _check_conversation(msgs, for_generation=False, allow_text_only=text_only)
+    if text_only and n_img:
+        raise TemplateError(f"a text-only conversation must not contain {IMAGE_MARKER}")
+
+
 def _bos_ids(tokenizer) -> tuple[int, ...]:
     """BOS id as a 1-tuple when the tokenizer prepends it by default (Llama), else (); cached."""
     cached = getattr(tokenizer, "_anisogen_bos_ids", None)

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 from webdataset.utils import pytorch_worker_info
 
-from ..templates import IMAGE_MARKER, TemplateError, normalize_conversation
+from ..templates import IMAGE_MARKER, TemplateError, check_training_conversation, normalize_conversation
 from .common import RejectLog, SampleError, decode_embedding
 from .shard_stream import tar_members
 
@@ -167,12 +167,14 @@ def parse_conversation_record(rec, store: EmbeddingStore | None) -> dict:
         if has_marker:
             raise SampleError(f"the conversation has an {IMAGE_MARKER} marker but the record has no 'image' "
                               "(the embedding reference)")
+        check_training_conversation(conv, text_only=True)
         return {"conversation": conv, "image": None}
     if not has_marker:
         first_user = next((i for i, m in enumerate(conv) if m["role"] == "user"), None)
         if first_user is None:
             raise SampleError("conversation has no user message")
         conv[first_user] = {"role": "user", "content": IMAGE_MARKER + "\n" + conv[first_user]["content"]}
+    check_training_conversation(conv, text_only=False)
     if store is None:
         raise SampleError(f"image reference {ref!r}: no embedding store (--emb-npy / --emb-shards) given")
     store.check(ref)
@@ -186,11 +188,16 @@ def load_conversation_records(path: str, store: EmbeddingStore | None, log: Reje
     rejected through ``log`` (named ``path:line``), so ``on_error="fail"`` stops at the first one.
     """
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: one bad byte rejects its line, not the file
+        for lineno, raw in enumerate(f, 1):
+            src = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                log.reject(src, f"line{lineno}", f"invalid UTF-8 byte 0x{raw[exc.start]:02x} at byte {exc.start}")
+                continue
             if not line.strip():
                 continue
-            src = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
