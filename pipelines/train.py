@@ -125,6 +125,10 @@ def main(argv=None) -> int:
     summary = train(cfg)
     if not summary.get("is_main"):
         return 0
+    if summary.get("interrupted"):
+        print(f"interrupted by {summary['interrupted']} at step {summary['final_step']} (checkpoint saved); "
+              "rerun the same command to resume")
+        return 130
     if summary.get("halted"):
         print(f"halted at step {summary['final_step']}; rerun to resume")
     else:

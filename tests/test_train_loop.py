@@ -181,3 +181,32 @@ def test_cli_stage2_then_evaluate(tmp_path, world):
     rep = json.loads((out / "report.json").read_text())
     assert rep["n"] == len(val) and set(rep["attributes"]) == {"color", "shape", "position", "all_exact"}
     assert len((out / "captions.jsonl").read_text().splitlines()) == len(val)
+
+
+def test_sigint_saves_a_checkpoint_and_metrics_are_not_repeated_after_resume(tmp_path, world):
+    import signal
+
+    kw = dict(max_steps=8, save_every=2, batch_size=4)
+    ref = train(cfg(tmp_path / "ref", world, **kw))
+
+    def crash_at_3(step):  # a crash after step 3: steps 1-3 logged, last checkpoint at step 2
+        if step == 3:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg(tmp_path / "b", world, **kw), on_step=crash_at_3)
+
+    def ctrl_c_at_5(step):
+        if step == 5:
+            signal.raise_signal(signal.SIGINT)  # the handler only sets a flag: the step finishes, then saves
+
+    s = train(cfg(tmp_path / "b", world, **kw), on_step=ctrl_c_at_5)
+    assert s["start_step"] == 2 and s["halted"] and s["interrupted"] == "SIGINT" and s["final_step"] == 5
+    assert (tmp_path / "b" / "checkpoints" / "step-00000005" / "state.json").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    done = train(cfg(tmp_path / "b", world, **kw))
+    assert done["start_step"] == 5 and done["final_step"] == 8
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["type"] == "train"]
+    assert steps == list(range(1, 9))  # step 3 (redone after the crash) appears once
+    assert done["losses"] == ref["losses"][5:]

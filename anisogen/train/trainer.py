@@ -26,10 +26,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -42,6 +44,7 @@ from .data import (
     epoch_batches, eval_batches, exact_pipeline, image_rows, list_shards, make_loader, make_seed,
     probe_embedding_shape, read_provenance, train_pipeline,
 )
+from ..shards.writer import atomic_write_bytes
 from .export import write_export
 from .lm import load_lm, materialize_lm
 from .methods import (
@@ -57,9 +60,10 @@ from .validation import generations, to_device, validation_loss, write_generatio
 class Trainer:
     """One training run. ``Trainer(cfg).run()`` returns the run summary dict."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, on_step: Callable[[int], None] | None = None):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
+        self.on_step = on_step  # test seam: called after each optimizer step
 
     # ================================================================== the run, step by step
     def run(self) -> dict:
@@ -69,7 +73,8 @@ class Trainer:
         self._setup_optimizer()
         start_step = self._resume()
         self._start_logging(start_step)
-        halted = self._train(start_step)
+        with StopRequest() as self.stop:
+            halted = self._train(start_step)
         return self._finish(halted)
 
     # ================================================================== setup
@@ -341,6 +346,7 @@ class Trainer:
         cfg = self.cfg
         if self.acc.is_main_process:
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+            _truncate_metrics(self.out / "metrics.jsonl", start_step)
         if self.trackers:
             self.acc.init_trackers(self.out.name or "anisogen", config=tracker_config(cfg.to_dict()))
         if self.exact_plan is not None:
@@ -376,13 +382,27 @@ class Trainer:
             self.final_step = step
             if self.val_spec is not None and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == self.max_steps):
                 self._evaluate(step)
-            halt = 0 < cfg.halt_at_step == step < self.max_steps
+            if self.on_step is not None:
+                self.on_step(step)
+            interrupted = self._stop_requested() and step < self.max_steps
+            halt = 0 < cfg.halt_at_step == step < self.max_steps or interrupted
             if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == self.max_steps or halt:
                 self._save(step)
             if halt:
-                self._log(f"halted at step {step} (checkpoint saved); rerun the same command to resume")
+                why = f"interrupted by {self.stop.name}" if interrupted else "halted"
+                self.summary["interrupted"] = self.stop.name if interrupted else None
+                self._log(f"{why} at step {step} (checkpoint saved); rerun the same command to resume")
                 return True
         return False
+
+    def _stop_requested(self) -> bool:
+        """Collective: whether any rank got SIGINT/SIGTERM (all ranks stop at the same step)."""
+        flag = self.stop.requested
+        if self.world > 1:
+            t = torch.tensor([int(flag)], device=self.acc.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
 
     def _stream(self, consumed: int) -> Iterator[dict]:
         cfg = self.cfg
@@ -633,6 +653,54 @@ def _storage_for_trainable(model, setup, device) -> None:
         g.params = [fresh[names[id(p)]] if id(p) in names else p for p in g.params]
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run one training job (see :class:`Trainer`); returns the run summary."""
-    return Trainer(cfg).run()
+def _truncate_metrics(path: Path, start_step: int) -> None:
+    """Keep only the metrics lines of steps <= ``start_step``: a resumed run re-logs the steps it redoes
+    (those after the last checkpoint), so they would otherwise appear twice."""
+    if not path.is_file():
+        return
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            step = None  # a line cut by a crash
+            dropped += 1
+            continue
+        if step is not None and step > start_step:
+            dropped += 1
+            continue
+        keep.append(line)
+    if dropped:
+        atomic_write_bytes(path, "".join(x + "\n" for x in keep).encode("utf-8"))
+
+
+class StopRequest:
+    """SIGINT/SIGTERM while training: the first one asks the loop to checkpoint at the end of the current
+    step and stop (resumable); a second one interrupts at once. Handlers are restored on exit. Only the main
+    thread can install handlers; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.requested, self.name, self._old = False, None, {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.name = True, signal.Signals(signum).name
+        print(f"[anisogen.train] {self.name}: saving a checkpoint at the end of this step "
+              "(send it again to stop at once)", flush=True)
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> dict:
+    """Run one training job (see :class:`Trainer`); returns the run summary. ``on_step(step)`` is called
+    after each optimizer step (a test seam)."""
+    return Trainer(cfg, on_step=on_step).run()
