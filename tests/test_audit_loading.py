@@ -257,3 +257,13 @@ def test_manifest_that_disagrees_with_the_disk_or_its_totals_is_refused(folder):
     shutil.copy(folder / "shard-000000.tar", folder / "shard-000009.tar")
     with pytest.raises(AuditInputError, match="shard-000009.tar"):
         load_shard_folder(folder)
+
+
+def test_aligner_dir_follows_the_manifest(folder, tmp_path):
+    got = load_shard_folder(folder)
+    got.aligner = {"name": "identity", "dir": "aligner"}
+    assert got.aligner_dir == folder / "aligner"
+    got.aligner = {"name": "identity", "dir": str(tmp_path / "elsewhere" / "aligner")}  # made with --aligner-dir
+    assert got.aligner_dir == tmp_path / "elsewhere" / "aligner"
+    got.aligner = None
+    assert got.aligner_dir == folder / "aligner"

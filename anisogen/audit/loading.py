@@ -86,7 +86,10 @@ class EmbeddingSet:
 
     @property
     def aligner_dir(self) -> Path:
-        return Path(self.path) / ALIGNER_DIRNAME
+        """The aligner the shards were made with: the manifest's ``aligner.dir`` (relative to the folder, or
+        the absolute ``--aligner-dir`` of the generate run), else ``<folder>/aligner``."""
+        where = (self.aligner or {}).get("dir") or ALIGNER_DIRNAME
+        return Path(self.path) / where  # an absolute ``where`` replaces the folder
 
     def summary(self) -> dict:
         """JSON-ready description (no arrays)."""
