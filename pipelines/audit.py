@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "text.npy); enables the full method_report per folder using the folder's aligner/ artifact")
     io.add_argument("--out", required=True, metavar="DIR", help="report folder (report.json, report.html, plots/)")
     samp = p.add_argument_group("sampling")
-    samp.add_argument("--max-samples", type=int, default=100_000, metavar="N",
+    samp.add_argument("--limit", "--max-samples", dest="max_samples", type=int, default=100_000, metavar="N",
                       help="seeded uniform sample cap per shard folder and for the images (default 100000; 0 = all)")
     samp.add_argument("--paired-max-samples", type=int, default=10_000, metavar="N",
                       help="seeded sample cap for the paired set (default 10000; 0 = all)")
@@ -77,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     gate.add_argument("--fail-if", action="append", default=[], metavar="RULE",
                       help='exit 1 if RULE holds for any folder, e.g. "delta_mu>0.05" or "M_k_Z<0.3"; repeatable. '
                            f"Metrics: {', '.join(METRIC_NAMES)}")
-    p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
+                   help="no progress output on stderr (--quiet: the older name)")
     return p.parse_args(argv)
 
 

@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     launch_args, launch_env = run.launch(
         args.processes, "generate.py", "--corpus", data / "captions.jsonl", "--text-field", "text", "--id-field", "id",
         "--model", "toy", "--aligner", "anisoalign", "--images", emb / "images",
-        "--aligner-param", f"stage1_steps={scale.stage1_steps}", "--aligner-param", f"stage2_steps={scale.refine_steps}",
+        "--param", f"stage1_steps={scale.stage1_steps}", "--param", f"stage2_steps={scale.refine_steps}",
         "--fit-samples", scale.fit_samples, "--samples-per-shard", scale.samples_per_shard, "--keep-source",
         "--out", shards, "--threads", "1", "--no-progress")
     run("generate", launch_args, env=launch_env)
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     step(4, "audit the shards' geometry with FAISS")
     audit_dir = runs / "audit"
     run("audit", run.script("audit.py", "--shards", shards, "--labels", "anisoalign", "--images", emb / "images",
-                            "--paired", paired, "--source-baseline", "--out", audit_dir, "--quiet"))
+                            "--paired", paired, "--source-baseline", "--out", audit_dir, "--no-progress"))
     print(f"-> {audit_dir}/report.html (open it in a browser), {audit_dir}/report.json")
 
     step(5, "stage 1: train the projector and the tiny LM on the shards (text only)")
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     run("train", run.script("train.py", "--train-shards", shards, "--lm", "tiny", "--method", "full",
                             "--template", "plain", "--projector", "mlp2x_gelu", "--batch-size", 32,
                             "--max-steps", scale.train_steps, "--lr", "2e-3", "--adapter-lr", "2e-3",
-                            "--output-dir", train_dir, "--log-every", max(1, scale.train_steps // 6),
+                            "--out", train_dir, "--log-every", max(1, scale.train_steps // 6),
                             "--save-every", scale.train_steps, "--no-progress"))
     print(f"-> {train_dir}/export (load it with anisogen.train.load_export)")
 

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of data, aligners and metrics (default: %(default)s)")
     p.add_argument("--aligners", default=None,
                    help=f"comma-separated aligner names (default: every registered one; now {','.join(ALIGNERS)})")
-    p.add_argument("--set", action="append", default=[], metavar="ALIGNER.PARAM=VALUE",
+    p.add_argument("--param", "--set", dest="set", action="append", default=[], metavar="ALIGNER.PARAM=VALUE",
                    help="aligner hyper-parameter override, VALUE parsed as JSON; repeatable")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--out", default="docs/GAP_STUDY.md", help="markdown report (default: %(default)s)")

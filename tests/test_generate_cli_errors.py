@@ -44,7 +44,7 @@ def one_line_error(capsys, *needles: str) -> str:
 
 @pytest.mark.parametrize("extra, needles", [
     (["--aligner", "nope", "--images", "IMG"], ["--aligner", "unknown aligner 'nope'"]),
-    (["--aligner", "centroid", "--images", "IMG", "--aligner-param", "bogus=1"], ["--aligner-param", "bogus"]),
+    (["--aligner", "centroid", "--images", "IMG", "--aligner-param", "bogus=1"], ["--param", "bogus"]),
     (["--aligner", "centroid", "--images", "/no/such/images.npy"], ["--images /no/such/images.npy", "no such file"]),
     (["--aligner-dir", "/no/such/aligner"], ["--aligner-dir /no/such/aligner", "config.json"]),
     (["--aligner", "centroid", "--images", "IMG", "--model", "no-such-model"], ["--model no-such-model"]),

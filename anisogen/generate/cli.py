@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("aligner (fit with --aligner + --images, or reuse with --aligner-dir)")
     g.add_argument("--aligner", default=None, help="aligner to fit: identity, centroid, unicorn, c3, realign, anisoalign (and its ablations anisoalign-*)")
-    g.add_argument("--aligner-param", action="append", type=_kv, default=[], metavar="KEY=VALUE",
-                   help="aligner hyper-parameter (JSON value), repeatable, e.g. --aligner-param sigma=0.5")
+    g.add_argument("--param", "--aligner-param", dest="aligner_param", action="append", type=_kv, default=[],
+                   metavar="KEY=VALUE", help="aligner hyper-parameter (JSON value), repeatable, e.g. --param sigma=0.5 "
+                                             "(--aligner-param: the older name)")
     g.add_argument("--images", default=None,
                    help="unpaired images to fit on: an image folder, WebDataset image tars, or precomputed .npy "
                         "embeddings (clip-retrieval img_emb/ or the output of pipelines/embed_images.py)")
@@ -109,9 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ray-address", default=None, help="Ray cluster address ('auto' joins a running cluster; default: local)")
     g.add_argument("--ray-retries", type=int, default=3, help="retries of a failed Ray shard task")
     g.add_argument("--ray-gpus-per-task", type=float, default=None, help="GPUs reserved per Ray task")
-    g.add_argument("--worker-index", type=int, default=0,
-                   help="index of this job among --num-workers independent jobs (e.g. $SLURM_ARRAY_TASK_ID)")
-    g.add_argument("--num-workers", type=int, default=1, help="number of independent jobs sharing the tasks (Slurm arrays)")
+    g.add_argument("--job-index", "--worker-index", dest="worker_index", type=int, default=0,
+                   help="index of this job among --num-jobs independent jobs (e.g. $SLURM_ARRAY_TASK_ID; "
+                        "--worker-index: the older name)")
+    g.add_argument("--num-jobs", "--num-workers", dest="num_workers", type=int, default=1,
+                   help="number of independent jobs sharing the tasks, e.g. a Slurm array (--num-workers: the older name)")
     g.add_argument("--manifest-interval", type=float, default=30.0, help="seconds between manifest refreshes while running")
     g.add_argument("--no-progress", action="store_true", help="no progress bar or summary (logs only)")
     g.add_argument("--summary-json", default=None, help="also write the final summary to this JSON file")

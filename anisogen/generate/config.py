@@ -103,7 +103,7 @@ class GenerateConfig:
         if self.aligner and not self.images:
             raise ValueError(f"--aligner {self.aligner} needs --images PATH (unpaired image embeddings to fit on)")
         if self.aligner_params and not self.aligner:
-            raise ValueError("--aligner-param applies only when fitting with --aligner")
+            raise ValueError("--param applies only when fitting with --aligner")
         if self.fit_samples < 1:
             raise ValueError(f"--fit-samples must be >= 1, got {self.fit_samples}")
         if self.batch_size < 1:
@@ -115,7 +115,7 @@ class GenerateConfig:
         if self.verify not in ("sha256", "size", "none"):
             raise ValueError(f"--verify must be sha256, size or none, got {self.verify!r}")
         if not (0 <= self.worker_index < self.num_workers):
-            raise ValueError(f"--worker-index {self.worker_index} must be in [0, --num-workers={self.num_workers})")
+            raise ValueError(f"--job-index {self.worker_index} must be in [0, --num-jobs={self.num_workers})")
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
         return self
@@ -131,7 +131,7 @@ class GenerateConfig:
             try:
                 get_aligner_class(self.aligner)(**self.aligner_params)
             except (ValueError, TypeError) as exc:
-                flag = "--aligner" if "unknown aligner" in str(exc) else "--aligner-param"
+                flag = "--aligner" if "unknown aligner" in str(exc) else "--param"
                 raise GenerateInputError(f"{flag}: {exc}") from None
         if self.images and not (os.path.exists(self.images) or _has_glob_matches(self.images)):
             raise GenerateInputError(f"--images {self.images}: no such file or folder; give unpaired image "
