@@ -140,8 +140,8 @@ def plot_knn_mixing(path, rows: Mapping[str, Mapping[str, float]], colours: Mapp
     finite = [v for lab in labels for v in (rows[lab].get(m) for m, _ in metrics)
               if v is not None and np.isfinite(v)]
     top = max([1.0, *finite]) + 0.12
-    ax.set(ylabel="score", ylim=(0, top), title=f"kNN modality mixing (k = {k}; 1 = fully mixed; dashes: NN-is-image "
-                                                f"at chance)")
+    ax.set(ylabel="score", ylim=(0, top), title=f"kNN modality mixing (k = {k}; 1 = as mixed as random labels, 0 = separated; "
+                                                f"dashes: NN-is-image at chance)")
     ax.axhline(1.0, color="#bbbbbb", lw=0.8, ls=":")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3, axis="y")

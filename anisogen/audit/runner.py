@@ -352,7 +352,9 @@ def make_figures(out: Path, rows: list[dict], curves: dict, cosines: dict, pca_g
     rel = "plots/knn_mixing.png"
     plots.plot_knn_mixing(out / rel, {r["label"]: r["metrics"] for r in rows if not r["reference"]}, colours, k=k)
     figs.append((rel, "kNN modality mixing", "M_k^Z / M_k^X: neighbourhood label entropy of substitutes / images in "
-                 "the pooled set, normalised by its value under random labels (1 = fully mixed, 0 = separated); "
+                 "the pooled set, normalised by its value under random labels (1 = as mixed as random labels, 0 = separated; "
+                 "above 1 when neighbourhoods are closer to half images than the pool is, which happens when the two "
+                 "sets differ in size); "
                  "NN is image: share of substitutes whose nearest neighbour is an image."))
     rng = np.random.default_rng(seed)
     sample = {lab: (g if len(g) <= PCA_ROWS else g[np.sort(rng.choice(len(g), PCA_ROWS, replace=False))])
