@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--out", default="docs/GAP_STUDY.md", help="markdown report (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the raw results as JSON here")
-    p.add_argument("--progress", action="store_true", help="show tqdm progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+    p.add_argument("--progress", dest="progress", action="store_true", help=argparse.SUPPRESS)  # the older opt-in
     p.add_argument("--no-diagnostics", action="store_true",
                    help="skip the diagnostic fits (DIAGNOSTICS in anisogen/toyworld/gap_study.py) of the report")
     p.add_argument("--from-json", default=None, metavar="JSON",

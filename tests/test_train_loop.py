@@ -210,3 +210,19 @@ def test_sigint_saves_a_checkpoint_and_metrics_are_not_repeated_after_resume(tmp
              if json.loads(x)["type"] == "train"]
     assert steps == list(range(1, 9))  # step 3 (redone after the crash) appears once
     assert done["losses"] == ref["losses"][5:]
+
+
+def test_evaluate_export_in_chunks_equals_one_pass(tmp_path, world):
+    from anisogen.train.evaluation import evaluate_export
+
+    train(cfg(tmp_path / "e", world, max_steps=1))
+    exp = load_export(tmp_path / "e" / "export")
+    items = world[2]
+    emb = np.stack([it["emb"] for it in items])[:20]
+    caps = [it["caption"] for it in items][:20]
+    rep = evaluate_export(exp, emb, caps, batch_size=1, max_new_tokens=4)  # 16-pair chunks: 2 chunks
+    loss = exp.caption_loss(emb, caps, batch_size=1)
+    gens = exp.generate(emb, max_new_tokens=4, batch_size=1)
+    assert [s["generated"] for s in rep["samples"]] == gens
+    assert [s["loss"] for s in rep["samples"]] == loss["per_sample"]
+    assert rep["caption_tokens"] == loss["tokens"] and rep["caption_loss"] == pytest.approx(loss["loss"], rel=1e-12)

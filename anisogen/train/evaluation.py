@@ -102,10 +102,13 @@ def synthetic_vocabularies() -> dict:
 
 def evaluate_export(
     export, embeddings: np.ndarray, captions: Sequence[str], *, prompt: str | None = None, batch_size: int = 16,
-    max_new_tokens: int = 48, vocabularies: Mapping[str, object] | None = None,
+    max_new_tokens: int = 48, vocabularies: Mapping[str, object] | None = None, progress: bool = False,
 ) -> dict:
     """Caption loss, greedy captions and attribute accuracy of ``export`` (an ExportedModel or a
-    path) on paired ``embeddings`` (N, d) and ``captions`` (N)."""
+    path) on paired ``embeddings`` (N, d) and ``captions`` (N). Works in chunks of whole batches (the
+    batches, hence the results, are those of one call), with a progress bar over the pairs."""
+    from tqdm.auto import tqdm
+
     from .export import ExportedModel, load_export
 
     if not isinstance(export, ExportedModel):
@@ -113,13 +116,23 @@ def evaluate_export(
     emb = np.asarray(embeddings)
     if len(captions) != emb.shape[0]:
         raise ValueError(f"{len(captions)} captions for {emb.shape[0]} embeddings")
-    loss = export.caption_loss(emb, captions, prompt=prompt, batch_size=batch_size)
-    gens = export.generate(emb, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    chunk = batch_size * 16
+    loss_sum, tokens, per, gens = 0.0, 0, [], []
+    with tqdm(total=len(captions), unit="pair", desc="evaluate", disable=not progress) as bar:
+        for s in range(0, len(captions), chunk):
+            caps = list(captions[s:s + chunk])
+            loss = export.caption_loss(emb[s:s + chunk], caps, prompt=prompt, batch_size=batch_size)
+            loss_sum += loss["loss"] * loss["tokens"]
+            tokens += loss["tokens"]
+            per += loss["per_sample"]
+            gens += export.generate(emb[s:s + chunk], prompt=prompt, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size)
+            bar.update(len(caps))
     report = {
         "n": len(captions),
-        "caption_loss": loss["loss"],
-        "caption_tokens": loss["tokens"],
-        "samples": [{"reference": r, "generated": g, "loss": l} for r, g, l in zip(captions, gens, loss["per_sample"])],
+        "caption_loss": loss_sum / max(tokens, 1),
+        "caption_tokens": tokens,
+        "samples": [{"reference": r, "generated": g, "loss": l} for r, g, l in zip(captions, gens, per)],
     }
     if vocabularies:
         report["attributes"] = attribute_accuracy(gens, list(captions), vocabularies)
