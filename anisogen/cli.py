@@ -55,3 +55,23 @@ def run_cli(main: Callable[..., int | None], argv: Sequence[str] | None = None) 
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     return int(rc or 0)
+
+
+def add_deprecated_alias(group, old: str, new: str, *, dest: str, nargs=None, type=None, const=None) -> None:
+    """Accept ``old`` as a hidden alias of ``new`` for one release: it stores into ``dest`` like the new flag
+    and prints one deprecation line on stderr. ``const`` makes it a flag (store_const / store_true style)."""
+    import argparse
+
+    class _Deprecated(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"warning: {old} is deprecated, use {new} (the old name goes away in the next release)",
+                  file=sys.stderr)
+            if const is not None:
+                setattr(namespace, dest, const)
+            elif isinstance(getattr(namespace, dest, None), list):
+                getattr(namespace, dest).append(values)
+            else:
+                setattr(namespace, dest, values)
+
+    kwargs = {"nargs": 0} if const is not None else {"nargs": nargs, "type": type}
+    group.add_argument(old, dest=f"_deprecated_{dest}", action=_Deprecated, help=argparse.SUPPRESS, **kwargs)

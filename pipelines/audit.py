@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from anisogen.cli import add_deprecated_alias
 from anisogen.audit import AuditConfig, AuditInputError, GateError, METRIC_NAMES, run_audit
 from anisogen.audit.html import PAIRED_COLUMNS, TABLE_COLUMNS
 from anisogen.audit.index import DEVICES, KINDS, RECALL_SAMPLE, RECALL_TARGET
@@ -39,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "text.npy); enables the full method_report per folder using the folder's aligner/ artifact")
     io.add_argument("--out", required=True, metavar="DIR", help="report folder (report.json, report.html, plots/)")
     samp = p.add_argument_group("sampling")
-    samp.add_argument("--limit", "--max-samples", dest="max_samples", type=int, default=100_000, metavar="N",
+    add_deprecated_alias(samp, "--max-samples", "--limit", dest="max_samples", type=int)
+    samp.add_argument("--limit", dest="max_samples", type=int, default=100_000, metavar="N",
                       help="seeded uniform sample cap per shard folder and for the images (default 100000; 0 = all)")
     samp.add_argument("--paired-max-samples", type=int, default=10_000, metavar="N",
                       help="seeded sample cap for the paired set (default 10000; 0 = all)")
@@ -77,8 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     gate.add_argument("--fail-if", action="append", default=[], metavar="RULE",
                       help='exit 1 if RULE holds for any folder, e.g. "delta_mu>0.05" or "M_k_Z<0.3"; repeatable. '
                            f"Metrics: {', '.join(METRIC_NAMES)}")
-    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
-                   help="no progress output on stderr (--quiet: the older name)")
+    p.add_argument("--no-progress", dest="quiet", action="store_true", help="no progress output on stderr")
+    add_deprecated_alias(p, "--quiet", "--no-progress", dest="quiet", const=True)
     return p.parse_args(argv)
 
 

@@ -21,6 +21,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from anisogen.cli import add_deprecated_alias
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -37,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--aligners", nargs="+", default=None, help="stage-1 aligners (default: all of the preset)")
     p.add_argument("--stage2-seeds", type=int, nargs="+", default=None, help="seeds of the Gap-Init / LoRA study")
-    p.add_argument("--param", "--set", dest="set", action="append", default=[], metavar="KEY=JSON",
+    add_deprecated_alias(p, "--set", "--param", dest="set")
+    p.add_argument("--param", dest="set", action="append", default=[], metavar="KEY=JSON",
                    help="override any ExperimentConfig field, e.g. --set stage1_steps=200 (repeatable)")
     p.add_argument("--no-stage2", action="store_true", help="stop after stage 1")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the preset's, full 2, ci 1)")

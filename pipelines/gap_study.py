@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from anisogen.align import ALIGNERS  # noqa: E402
-from anisogen.cli import UserError  # noqa: E402
+from anisogen.cli import UserError, add_deprecated_alias  # noqa: E402
 from anisogen.encode import load_clip  # noqa: E402
 from anisogen.toyworld.gap_study import DIAGNOSTICS, render_markdown, run_gap_study  # noqa: E402
 
@@ -74,7 +74,7 @@ def study_command(parser: argparse.ArgumentParser, result: dict, model: str, pre
         parts += ["--aligners", ",".join(names)]
     for name, kv in (s.get("overrides") or {}).items():
         for key, value in kv.items():
-            parts += ["--set", f"{name}.{key}={json.dumps(value)}"]
+            parts += ["--param", f"{name}.{key}={json.dumps(value)}"]
     if s.get("diagnostics") is False:
         parts.append("--no-diagnostics")
     if threads != d["threads"]:
@@ -97,13 +97,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of data, aligners and metrics (default: %(default)s)")
     p.add_argument("--aligners", default=None,
                    help=f"comma-separated aligner names (default: every registered one; now {','.join(ALIGNERS)})")
-    p.add_argument("--param", "--set", dest="set", action="append", default=[], metavar="ALIGNER.PARAM=VALUE",
+    add_deprecated_alias(p, "--set", "--param", dest="set")
+    p.add_argument("--param", dest="set", action="append", default=[], metavar="ALIGNER.PARAM=VALUE",
                    help="aligner hyper-parameter override, VALUE parsed as JSON; repeatable")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--out", default="docs/GAP_STUDY.md", help="markdown report (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the raw results as JSON here")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
-    p.add_argument("--progress", dest="progress", action="store_true", help=argparse.SUPPRESS)  # the older opt-in
+    add_deprecated_alias(p, "--progress", "--no-progress (progress is the default now)", dest="progress", const=True)
     p.add_argument("--no-diagnostics", action="store_true",
                    help="skip the diagnostic fits (DIAGNOSTICS in anisogen/toyworld/gap_study.py) of the report")
     p.add_argument("--from-json", default=None, metavar="JSON",

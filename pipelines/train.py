@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from anisogen.cli import add_deprecated_alias  # noqa: E402
 from anisogen.train.methods import options_help  # noqa: E402
 from anisogen.train.projector import PROJECTOR_KINDS_HELP  # noqa: E402
 from anisogen.train.templates import TEMPLATES  # noqa: E402
@@ -51,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training-only Gaussian noise std added to normalised embeddings (CapDec-style)")
     g.add_argument("--on-error", choices=["skip", "fail"], default=d.on_error,
                    help="bad records/corrupt shards: skip (counted, written to rejects/) or fail")
-    g.add_argument("--workers", "--num-workers", dest="num_workers", type=int, default=d.num_workers,
-                   help="DataLoader worker processes per rank (--num-workers: the older name)")
+    g.add_argument("--workers", dest="num_workers", type=int, default=d.num_workers,
+                   help="DataLoader worker processes per rank")
+    add_deprecated_alias(g, "--num-workers", "--workers", dest="num_workers", type=int)
     g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer,
                    help="samples in each worker's shuffle buffer (resampled stage-1 sampling)")
     g.add_argument("--stage1-sampling", choices=["resampled", "exact"], default=d.stage1_sampling,
@@ -66,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--projector", default=d.projector, help=PROJECTOR_KINDS_HELP)
     m.add_argument("--init-from", help="stage-1 export dir (or projector.safetensors) to start the projector from")
     m.add_argument("--method", default=d.method, help="what trains: projector | full | lora | any registered method")
-    m.add_argument("--param", "--opt", dest="method_options", action="append", default=[], metavar="KEY=VALUE",
-                   help="method option (repeatable), e.g. --param r=16 --param targets=q_proj,v_proj (--opt: the older name)")
+    m.add_argument("--param", dest="method_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option (repeatable), e.g. --param r=16 --param targets=q_proj,v_proj")
+    add_deprecated_alias(m, "--opt", "--param", dest="method_options")
     m.add_argument("--freeze-projector", dest="freeze_projector", action="store_const", const=True, default=None,
                    help="keep the projector fixed (default: the method's, e.g. gap_init freezes it)")
     m.add_argument("--train-projector", dest="freeze_projector", action="store_const", const=False,
@@ -93,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 autocast on GPUs that support it (trainable params stay fp32), else fp32")
     o.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
     b = p.add_argument_group("logging, checkpoints, export")
-    b.add_argument("--out", "--output-dir", dest="output_dir", required=True,
-                   help="run folder: metrics, checkpoints, export/ (--output-dir: the older name)")
+    b.add_argument("--out", dest="output_dir", default=None, help="run folder: metrics, checkpoints, export/ (required)")
+    add_deprecated_alias(b, "--output-dir", "--out", dest="output_dir")
     b.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every N steps (0: never)")
     b.add_argument("--eval-max-batches", type=int, default=d.eval_max_batches, help="cap on validation batches per rank (0: all)")
     b.add_argument("--log-generations", type=int, default=d.log_generations, help="greedy generations logged per validation")
@@ -113,8 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv=None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
-    d = vars(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.output_dir is None:
+        parser.error("the following arguments are required: --out")
+    d = {k: v for k, v in vars(args).items() if not k.startswith("_deprecated_")}
     app = d.pop("app")
     if app:
         d["post"] = list(d["post"]) + [f"app:{app}"]

@@ -223,10 +223,10 @@ def test_help_documents_every_flag(capsys):
         audit_cli.parse_args(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--shards", "--labels", "--images", "--paired", "--out", "--max-samples", "--paired-max-samples",
+    for flag in ("--shards", "--labels", "--images", "--paired", "--out", "--limit", "--paired-max-samples",
                  "--seed", "--skip-corrupt", "--k", "--q", "--n-pairs", "--n-permutations", "--source-baseline",
                  "--index", "--device", "--nlist", "--nprobe", "--recall-target", "--recall-sample", "--threads",
-                 "--fail-if", "--quiet"):
+                 "--fail-if", "--no-progress"):
         assert flag in text, flag
     assert "Exit status: 0" in text
 

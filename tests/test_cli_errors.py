@@ -68,3 +68,15 @@ def test_run_cli_convention(capsys):
         run_cli(internal)
     assert run_cli(lambda: None) == 0 and run_cli(lambda: 3) == 3
     assert one_line(FileNotFoundError(2, "No such file or directory", "/x")) == "/x: No such file or directory"
+
+
+def test_deprecated_aliases_still_work_with_one_warning(capsys):
+    from anisogen.generate.cli import build_parser
+
+    p = build_parser()
+    args = p.parse_args(["--corpus", "c.jsonl", "--out", "o", "--aligner-dir", "a", "--worker-index", "1",
+                         "--num-workers", "3", "--aligner-param", "x=1", "--param", "y=2"])
+    assert (args.worker_index, args.num_workers) == (1, 3) and args.aligner_param == [("x", 1), ("y", 2)]
+    err = capsys.readouterr().err
+    assert err.count("is deprecated") == 3 and "--worker-index is deprecated, use --job-index" in err
+    assert "--worker-index" not in p.format_help() and "--job-index" in p.format_help()

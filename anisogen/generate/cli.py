@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
+from ..cli import add_deprecated_alias
 from .config import GenerateConfig
 
 
@@ -65,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("aligner (fit with --aligner + --images, or reuse with --aligner-dir)")
     g.add_argument("--aligner", default=None, help="aligner to fit: identity, centroid, unicorn, c3, realign, anisoalign (and its ablations anisoalign-*)")
-    g.add_argument("--param", "--aligner-param", dest="aligner_param", action="append", type=_kv, default=[],
-                   metavar="KEY=VALUE", help="aligner hyper-parameter (JSON value), repeatable, e.g. --param sigma=0.5 "
-                                             "(--aligner-param: the older name)")
+    g.add_argument("--param", dest="aligner_param", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="aligner hyper-parameter (JSON value), repeatable, e.g. --param sigma=0.5")
+    add_deprecated_alias(g, "--aligner-param", "--param", dest="aligner_param", type=_kv)
     g.add_argument("--images", default=None,
                    help="unpaired images to fit on: an image folder, WebDataset image tars, or precomputed .npy "
                         "embeddings (clip-retrieval img_emb/ or the output of pipelines/embed_images.py)")
@@ -110,11 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ray-address", default=None, help="Ray cluster address ('auto' joins a running cluster; default: local)")
     g.add_argument("--ray-retries", type=int, default=3, help="retries of a failed Ray shard task")
     g.add_argument("--ray-gpus-per-task", type=float, default=None, help="GPUs reserved per Ray task")
-    g.add_argument("--job-index", "--worker-index", dest="worker_index", type=int, default=0,
-                   help="index of this job among --num-jobs independent jobs (e.g. $SLURM_ARRAY_TASK_ID; "
-                        "--worker-index: the older name)")
-    g.add_argument("--num-jobs", "--num-workers", dest="num_workers", type=int, default=1,
-                   help="number of independent jobs sharing the tasks, e.g. a Slurm array (--num-workers: the older name)")
+    g.add_argument("--job-index", dest="worker_index", type=int, default=0,
+                   help="index of this job among --num-jobs independent jobs (e.g. $SLURM_ARRAY_TASK_ID)")
+    g.add_argument("--num-jobs", dest="num_workers", type=int, default=1,
+                   help="number of independent jobs sharing the tasks, e.g. a Slurm array")
+    add_deprecated_alias(g, "--worker-index", "--job-index", dest="worker_index", type=int)
+    add_deprecated_alias(g, "--num-workers", "--num-jobs", dest="num_workers", type=int)
     g.add_argument("--manifest-interval", type=float, default=30.0, help="seconds between manifest refreshes while running")
     g.add_argument("--no-progress", action="store_true", help="no progress bar or summary (logs only)")
     g.add_argument("--summary-json", default=None, help="also write the final summary to this JSON file")
