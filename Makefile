@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: install
+	$(PY) -m ruff check anisogen pipelines tests benchmarks
 	$(PY) -m pytest -q
 
 test-slow: install

@@ -125,7 +125,12 @@ def make_paired_embeddings(
     noise_y = noise * (rng.standard_normal((half, free)) / np.sqrt(free)) @ free_basis.T
     u_x = content + noise_x
     if residual_rank:
-        u_x = u_x + residual_strength * (rng.standard_normal((half, residual_rank)) / np.sqrt(residual_rank)) @ residual_basis.T
+        u_x = (
+            u_x
+            + residual_strength
+            * (rng.standard_normal((half, residual_rank)) / np.sqrt(residual_rank))
+            @ residual_basis.T
+        )
     u_y = content + noise_y
     u_x, u_y = l2_normalize(u_x), l2_normalize(u_y)
     u_x, u_y = np.vstack([u_x, -u_x]), np.vstack([u_y, -u_y])

@@ -66,7 +66,6 @@ def flops_per_row(aligner) -> int:
     if not aligner.name.startswith("anisoalign"):
         return 2 * d
     r = aligner.frame.rank
-    m = r // 2
     total = 2 * d * (r + d) + 2 * r * d + d
     net = aligner.refiner
     if net is not None:

@@ -36,7 +36,9 @@ def scale(args) -> list[dict]:
     pairs = make_paired_embeddings(args.n, args.dim, seed=0)
     text, image = pairs.text.astype(np.float32), pairs.image.astype(np.float32)
     del pairs
-    print(f"data: {len(text)} texts + {len(image)} images, d = {args.dim} ({time.perf_counter() - t0:.1f}s to generate)")
+    print(
+        f"data: {len(text)} texts + {len(image)} images, d = {args.dim} ({time.perf_counter() - t0:.1f}s to generate)"
+    )
     rows = []
     configs = [("realign", {}), ("anisoalign", {"rank": args.rank, **json.loads(args.params)})]
     for name, params in configs:

@@ -104,7 +104,9 @@ def main() -> None:
                    help="the audit's --max-queries: kNN query rows scored per set (default 20000; 0 = every row)")
     p.add_argument("--compare-queries", type=int, default=20_000,
                    help="pooled rows queried in the FAISS-vs-torch comparison (default 20000; 0 = all 2N)")
-    p.add_argument("--index", default="auto", choices=["auto", "flat", "ivf"], help="the audit's --index (default auto)")
+    p.add_argument(
+        "--index", default="auto", choices=["auto", "flat", "ivf"], help="the audit's --index (default auto)"
+    )
     p.add_argument("--threads", type=int, default=2, help="CPU threads for FAISS and torch (default 2)")
     p.add_argument("--workdir", default=None, help="where to write the shards and report (default: a temp dir)")
     args = p.parse_args()
@@ -137,13 +139,17 @@ def main() -> None:
     report, total, total_cpu = timed_cpu(lambda: run_audit(cfg))
     folder = report["folders"][0]
     info = folder["knn"]["mixing"]
-    print(f"\n## audit stages (run_audit, --index {args.index}, --max-queries {args.max_queries or 'all'}, N = {n} + {n})")
+    print(
+        f"\n## audit stages (run_audit, --index {args.index}, --max-queries {args.max_queries or 'all'}, N = {n} + {n})"
+    )
     for stage, secs in report["timings"].items():
         print(f"  {stage:<10s} {secs:9.2f} s")
-    print(f"  kNN graphs: pooled X∪Z ({info['n_base']} rows): {info['kind']} via {info['backend']}, nlist {info['nlist']}, "
+    print(f"  kNN graphs: pooled X∪Z ({info['n_base']} rows): {info['kind']} via {info['backend']}, nlist "
+          f"{info['nlist']}, "
           f"nprobe {info['nprobe']}, recall@{k} {info['recall']:.4f} on {info['recall_sample'] or 'all'} queries, "
           f"{info['seconds']:.1f} s (build + calibration {info.get('build_seconds', 0):.1f} s); "
-          f"Y and Z self-graphs {folder['knn']['source']['seconds']:.1f} s + {folder['knn']['substitute']['seconds']:.1f} s")
+          f"Y and Z self-graphs {folder['knn']['source']['seconds']:.1f} s + "
+          f"{folder['knn']['substitute']['seconds']:.1f} s")
     m = folder["metrics"]
     print("  metrics: " + ", ".join(f"{key} {m[key]:.4f}" for key in
                                     ("delta_mu", "G_Sigma", "C_lambda", "O_q", "JS_cos", "M_k_Z", "M_k_X", "Phi", "Psi",
@@ -169,7 +175,9 @@ def main() -> None:
     ivf.nprobe = nprobe
     approx, t_ivf, c_ivf = timed_cpu(lambda: faiss_search(ivf))
     naive, t_naive, c_naive = timed_cpu(lambda: naive_torch_knn(pooled, rows, k))
-    print(f"  {'method':<42s} {'wall s':>9s} {'CPU s':>8s} {'queries/s':>10s} {'recall':>7s} {'speed-up vs naive':>18s}")
+    print(
+        f"  {'method':<42s} {'wall s':>9s} {'CPU s':>8s} {'queries/s':>10s} {'recall':>7s} {'speed-up vs naive':>18s}"
+    )
     for name, secs, cpu, ids in (("naive torch cdist + topk (chunks of 256)", t_naive, c_naive, naive),
                                  ("FAISS IndexFlatIP (exact)", t_flat, c_flat, exact),
                                  (f"FAISS IVF{nlist},Flat nprobe {nprobe} (search)", t_ivf, c_ivf, approx)):

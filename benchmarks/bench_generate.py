@@ -89,14 +89,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
 
-    import open_clip
     import torch
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from anisogen.align import fit_aligner
     from anisogen.encode import load_clip
-    from anisogen.encode.text import EncodeStats, TextEncoder, reference_encode
+    from anisogen.encode.text import TextEncoder, reference_encode
     from anisogen.generate import GenerateConfig, generate
 
     n = args.texts
@@ -182,8 +181,10 @@ def main(argv=None) -> int:
     print(f"encoder  plain open_clip (77-padded, {n_plain} texts): {res['plain_texts_per_s']:.1f} texts/s | "
           f"anisogen trimmed+bucketed ({n} texts): "
           f"{res['anisogen_texts_per_s']:.1f} texts/s | speedup {res['speedup']:.2f}x (max |diff| {max_diff:.1e})")
-    print(f"by source: toy captions (mean {res['toy_captions_mean_tokens']:.1f} tokens) {res['speedup_toy_captions']:.2f}x "
-          f"(padding bound {res['flop_bound_toy']:.2f}x); English sentences (mean {res['english_mean_tokens']:.1f} tokens) "
+    print(f"by source: toy captions (mean {res['toy_captions_mean_tokens']:.1f} tokens) "
+          f"{res['speedup_toy_captions']:.2f}x "
+          f"(padding bound {res['flop_bound_toy']:.2f}x); English sentences (mean {res['english_mean_tokens']:.1f} "
+          f"tokens) "
           f"{res['speedup_english_sentences']:.2f}x (bound {res['flop_bound_english']:.2f}x); mixed bound "
           f"{res['flop_bound_mixed']:.2f}x")
     print(f"encode-only (pre-tokenised): {res['plain_encode_only_texts_per_s']:.1f} vs "

@@ -188,7 +188,8 @@ def main() -> None:
             results.setdefault(cfg, []).append(res)
     print(f"\n{args.texts} captions, {args.samples_per_shard}/shard, d={DIM}, fp16, stand-in encoder, "
           f"best of {args.rounds} rounds, torch threads 1\n")
-    print("| aligner | align on | workers | procs | texts/s | texts per CPU-s | main-thread us/text | split read/tok/align/write s |")
+    print("| aligner | align on | workers | procs | texts/s | texts per CPU-s | main-thread us/text | split "
+          "read/tok/align/write s |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for cfg, runs in results.items():

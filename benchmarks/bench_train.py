@@ -202,7 +202,8 @@ def memory_main(a, argv) -> int:
         _append_section(a.append, argv, "### Peak memory: chunked cross-entropy and meta loading",
                         f"Device: {device}. One stage-2 step "
                         f"(forward + backward; `mlp2x_gelu` projector trainable, LM frozen, {a.mem_dtype}) of a random "
-                        f"Llama with vocabulary {BIG_VOCAB}, hidden 576, {a.mem_layers} decoder layers (SmolLM2 has 30; "
+                        f"Llama with vocabulary {BIG_VOCAB}, hidden 576, {a.mem_layers} decoder layers (SmolLM2 has "
+                        f"30; "
                         f"the logits do not depend on depth), batch {a.mem_batch} x {a.mem_seq} tokens, loss on the "
                         f"answer part of each row; each row in a fresh process, peak = `ru_maxrss`.",
                         f"{table}\n{summary}.\n")
@@ -257,7 +258,11 @@ def main(argv=None) -> int:
                 r = run_one(tmp / "shards", tmp / f"run-{lm}-{w}", lm, w, a.steps, a.batch_size, a.warmup_steps)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}), {a.threads} thread(s)"
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()}), {a.threads} thread(s)"
+    )
     header = "| LM | workers | stall fraction | s/step | input tok/s | target tok/s |\n|---|---|---|---|---|---|\n"
     table = header + "".join(
         f"| {r['lm']} | {r['workers']} | {r['stall_fraction']:.1%} | {r['s_per_step']:.3f} | "
@@ -266,7 +271,8 @@ def main(argv=None) -> int:
     if a.append:
         _append_section(a.append, argv, "## trainer (issue 7)",
                         f"Device: {device}; batch {a.batch_size}, {a.steps} steps per row "
-                        f"(first {a.warmup_steps} excluded), stage 1 (`plain`, `mlp2x_gelu`, frozen LM, d=512 synthetic "
+                        f"(first {a.warmup_steps} excluded), stage 1 (`plain`, `mlp2x_gelu`, frozen LM, d=512 "
+                        f"synthetic "
                         f"shards). Stall fraction = time waiting for the next batch / step time.", table)
     return 0
 

@@ -136,7 +136,8 @@ def main() -> None:
                 row = {"model": model_name, "texts": n, "captions": label, "encoder_texts_per_s": enc_rate,
                        "aligner": a, "pipeline_texts_per_s": rate, "ratio": rate / enc_rate}
                 rows.append(row)
-                print(f"| {model_name} | {n:,} | {label} | {enc_rate:,.0f} | {a} | {rate:,.0f} | {rate / enc_rate:.2f} |",
+                print(f"| {model_name} | {n:,} | {label} | {enc_rate:,.0f} | {a} | {rate:,.0f} | "
+                      f"{rate / enc_rate:.2f} |",
                       flush=True)
                 Path(args.out).write_text(json.dumps(rows, indent=1))
         del model, encoder

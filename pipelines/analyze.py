@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("spectrum", help="projector task-vector spectrum (PNG + JSON)")
-    s.add_argument("--pre", required=True, help="theta_pre projector (.safetensors or folder with projector.safetensors)")
+    s.add_argument(
+        "--pre", required=True, help="theta_pre projector (.safetensors or folder with projector.safetensors)"
+    )
     s.add_argument("--ft", required=True, help="theta_ft projector (.safetensors or folder)")
     s.add_argument("--app", default="energy:0.8", help="k rule marked on the plot (energy:F | ratio:R)")
     s.add_argument("--out-dir", required=True, help="writes spectrum.json and spectrum.png here")
@@ -46,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--export", action="append", required=True, metavar="[NAME=]DIR",
                     help="export folder (repeatable); NAME labels its line (default: the method name)")
     _add_pairs(lm)
-    lm.add_argument("--prompt", default=None, help="user instruction after <image> (default: the export's training prompt)")
+    lm.add_argument(
+        "--prompt", default=None, help="user instruction after <image> (default: the export's training prompt)"
+    )
     lm.add_argument("--max-new-tokens", type=int, default=16, help="generated tokens per sample")
     lm.add_argument("--reduce", choices=["mean", "sum"], default="mean",
                     help="alpha per modality: mean attention weight per token (eq. 2 default) or total mass")
@@ -134,7 +138,9 @@ def main(argv=None) -> int:
     for v, r in res["variants"].items():
         print(f"{v}: init cos(B[:,0], g) mean {r['init_cos_mean']:.4f}; grad along gap at step 0 "
               f"{r['trace'][0]['gap_grad']:.4g}, ||dL/dA|| {r['trace'][0]['grad_A']:.4g}")
-    print(f"random-direction reference E|cos| = {res['expected_random_abs_cos']:.4f}; wrote {out / 'gap_alignment.json'}")
+    print(
+        f"random-direction reference E|cos| = {res['expected_random_abs_cos']:.4f}; wrote {out / 'gap_alignment.json'}"
+    )
     return 0
 
 

@@ -30,7 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("inputs and output")
     io.add_argument("--shards", action="append", required=True, metavar="DIR",
-                    help="generated shard folder to audit; repeat to compare several side by side (e.g. one per aligner)")
+                    help="generated shard folder to audit; repeat to compare several side by side (e.g. one per "
+                         "aligner)")
     io.add_argument("--labels", nargs="+", metavar="NAME",
                     help="display names for the --shards folders, in order (default: folder names)")
     io.add_argument("--images", required=True, metavar="PATH",
@@ -74,7 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help=f"recall@k the IVF nprobe calibration must reach (default {RECALL_TARGET})")
     knn.add_argument("--recall-sample", type=int, default=RECALL_SAMPLE,
                      help=f"queries used to measure IVF recall against exact search (default {RECALL_SAMPLE})")
-    knn.add_argument("--threads", type=int, default=None, help="CPU threads for FAISS and torch (default: library default)")
+    knn.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for FAISS and torch (default: library default)"
+    )
     gate = p.add_argument_group("gates")
     gate.add_argument("--fail-if", action="append", default=[], metavar="RULE",
                       help='exit 1 if RULE holds for any folder, e.g. "delta_mu>0.05" or "M_k_Z<0.3"; repeatable. '

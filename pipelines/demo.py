@@ -116,7 +116,11 @@ def build_paired_set(data: Path) -> Path:
     """
     import numpy as np
 
-    img_dir, txt_dir, out = data / "emb" / "heldout_images", data / "emb" / "heldout_texts", data / "emb" / "heldout_paired"
+    img_dir, txt_dir, out = (
+        data / "emb" / "heldout_images",
+        data / "emb" / "heldout_texts",
+        data / "emb" / "heldout_paired",
+    )
     image = np.load(img_dir / "img_emb.npy")
     text = np.load(txt_dir / "text_emb.npy")
     img_ids = [Path(k).stem for k in (img_dir / "img_keys.txt").read_text(encoding="utf-8").splitlines()]

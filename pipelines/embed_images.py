@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--images", required=True,
-                   help="image folder, WebDataset image tar(s) (file/glob/folder), or .npy embeddings (file/glob/folder)")
+                   help="image folder, WebDataset image tar(s) (file/glob/folder), or .npy embeddings "
+                        "(file/glob/folder)")
     p.add_argument("--model", default="toy", help="open_clip model name or the bundled 'toy'")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag, local checkpoint path, or 'random'")
     p.add_argument("--out", required=True, help="output folder for img_emb.npy, img_keys.txt, img_emb.json")
@@ -60,8 +61,8 @@ def main(argv=None) -> int:
         from anisogen.encode.clip import embed_dim
 
         if emb.shape[1] != embed_dim(model):
-            print(f"error: {args.images} holds d={emb.shape[1]} embeddings, model {args.model} has d={embed_dim(model)}",
-                  file=sys.stderr)
+            print(f"error: {args.images} holds d={emb.shape[1]} embeddings, "
+                  f"model {args.model} has d={embed_dim(model)}", file=sys.stderr)
             return 2
     else:
         emb, keys, failures = embed_images(args.images, model, preprocess, device=device, batch_size=args.batch_size,

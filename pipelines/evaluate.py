@@ -78,7 +78,9 @@ def main(argv=None) -> int:
     p.add_argument("--caption-field", default="text", help="JSONL field holding the caption")
     p.add_argument("--shards", nargs="+", help="instead of --embeddings/--captions: shards with emb.npy + txt")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs (0: all)")
-    p.add_argument("--prompt", default=None, help="user instruction for chat-template exports (default: the training one)")
+    p.add_argument(
+        "--prompt", default=None, help="user instruction for chat-template exports (default: the training one)"
+    )
     p.add_argument("--attributes", choices=["auto", "toyworld", "synthetic", "none"], default="auto",
                    help="attribute vocabularies to score: toy world, the synthetic smoke world, none, or "
                         "auto (toy world when installed, unless --vocab is given)")
@@ -126,7 +128,11 @@ def main(argv=None) -> int:
     head.update({"export": str(a.export), "clip_fingerprint": export.config.get("clip_fingerprint"),
                  "vocabularies": {k: list(v) for k, v in (vocab or {}).items()}})
     (out / "report.json").write_text(json.dumps(head, indent=2))
-    print(json.dumps({k: head[k] for k in ("n", "caption_loss") if k in head} | {"attributes": head.get("attributes")}, indent=1))
+    print(
+        json.dumps(
+            {k: head[k] for k in ("n", "caption_loss") if k in head} | {"attributes": head.get("attributes")}, indent=1
+        )
+    )
     for s in rep["samples"][:5]:
         print(f"  ref: {s['reference']!r}\n  gen: {s['generated']!r}")
     return 0

@@ -8,7 +8,8 @@ See ``anisogen/experiment/`` and the generated document.
 
     python pipelines/experiment.py                       # full tiny-LM experiment -> docs/EXPERIMENTS.md
     python pipelines/experiment.py --preset ci --out /tmp/exp --doc /tmp/exp/EXPERIMENTS.md
-    python pipelines/experiment.py --lm smollm2 --out runs/experiment-smollm2 --doc runs/experiment-smollm2/EXPERIMENTS.md
+    python pipelines/experiment.py --lm smollm2 --out runs/experiment-smollm2 \
+        --doc runs/experiment-smollm2/EXPERIMENTS.md
     python pipelines/experiment.py --report-only --out runs/experiment   # re-render the doc from results.json
 """
 
@@ -87,7 +88,9 @@ def main(argv=None) -> int:
         cfg = preset(args.preset, args.out, **overrides)
     except ValueError as exc:
         raise UserError(f"{exc}")
-    command = "python pipelines/experiment.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python pipelines/experiment.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     run_experiment(cfg, doc_path=args.doc or None, readme_path=args.readme, command=command.strip(),
                    stage2=not args.no_stage2)
     print(f"results: {Path(args.out) / 'results.json'}")

@@ -76,8 +76,7 @@ def curve_summary(history: dict) -> list[dict]:
     """One row per loss curve: length, first, min, last and a 10-point downsample."""
     rows = []
     for name, values in history.items():
-        if name.endswith("_step") or name.endswith("_steps") or name.endswith("_steps_run") or name.startswith("seconds_") \
-                or not values:
+        if name.endswith(("_step", "_steps", "_steps_run")) or name.startswith("seconds_") or not values:
             continue
         if not isinstance(values, list) or not all(isinstance(x, (int, float)) for x in values):
             continue  # tables (the AnisoAlign selection) are printed on their own
@@ -103,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", required=True,
                    help="text embeddings: .npy file(s), folder(s) of .npy, or shard folder(s)")
     p.add_argument("--image", nargs="+", required=True,
-                   help="image embeddings: .npy file(s), folder(s) of .npy (e.g. embed_images.py output), or shard folder(s)")
-    p.add_argument("--out", required=True, help="artifact directory to write (config.json, tensors.safetensors, history.json)")
+                   help="image embeddings: .npy file(s), folder(s) of .npy (e.g. embed_images.py output), or shard "
+                        "folder(s)")
+    p.add_argument(
+        "--out", required=True, help="artifact directory to write (config.json, tensors.safetensors, history.json)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact in --out")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="aligner parameter (repeatable), VALUE parsed as JSON when possible, e.g. --param rank=128")
@@ -132,7 +134,9 @@ def resolve_fingerprint(args, text: EmbeddingInput, image: EmbeddingInput) -> st
         raise InputError(f"the inputs were embedded with different CLIP models: {sorted(recorded)}")
     if args.model_fingerprint is not None:
         if recorded and args.model_fingerprint not in recorded:
-            raise InputError(f"--model-fingerprint {args.model_fingerprint!r} differs from the inputs' {sorted(recorded)}")
+            raise InputError(
+                f"--model-fingerprint {args.model_fingerprint!r} differs from the inputs' {sorted(recorded)}"
+            )
         return args.model_fingerprint
     return next(iter(recorded)) if recorded else None
 

@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ft", required=True, help="theta_ft: fine-tuned projector (.safetensors or folder)")
     p.add_argument("--out", required=True, help="merged output: .safetensors path or folder")
     p.add_argument("--app", default="energy:0.8", metavar="SPEC", help=f"merge rule: {APP_SPEC_HELP}")
-    p.add_argument("--alpha", type=float, default=1.0, help="task-vector scale alpha in theta_pre + alpha*tau_k (paper: 1.0)")
+    p.add_argument(
+        "--alpha", type=float, default=1.0, help="task-vector scale alpha in theta_pre + alpha*tau_k (paper: 1.0)"
+    )
     p.add_argument("--bias", dest="bias_policy", choices=BIAS_POLICIES, default="full",
                    help="1-D tensors: full (pre + alpha*delta), drop (pre), scale (pre + alpha*rho*delta, rho = kept "
                         "norm fraction of the sibling weight)")

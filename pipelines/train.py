@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--loss-chunk-tokens", type=int, default=d.loss_chunk_tokens,
                    help="target tokens per cross-entropy chunk (logits are never materialised for the whole batch; "
                         "0: one full-logits pass)")
-    m.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in the LM (use_reentrant=False)")
+    m.add_argument(
+        "--grad-checkpointing", action="store_true", help="gradient checkpointing in the LM (use_reentrant=False)"
+    )
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, default=d.batch_size, help="micro-batch size per process")
     o.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
@@ -88,25 +90,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak learning rate of the projector (default: the method's for the stage, docs/METHODS.md)")
     o.add_argument("--adapter-lr", type=float, default=d.adapter_lr,
                    help="peak learning rate of adapters / LM weights (default: the method's, docs/METHODS.md)")
-    o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay of matrices; biases and norms never decay (default: the method's)")
-    o.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="linear warmup fraction before cosine decay")
+    o.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help="AdamW weight decay of matrices; biases and norms never decay (default: the method's)",
+    )
+    o.add_argument(
+        "--warmup-ratio", type=float, default=d.warmup_ratio, help="linear warmup fraction before cosine decay"
+    )
     o.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping norm (0: off)")
     o.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation and the data stream")
     o.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default=d.mixed_precision,
                    help="auto: bf16 autocast on GPUs that support it (trainable params stay fp32), else fp32")
     o.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
     b = p.add_argument_group("logging, checkpoints, export")
-    b.add_argument("--out", dest="output_dir", default=None, help="run folder: metrics, checkpoints, export/ (required)")
+    b.add_argument(
+        "--out", dest="output_dir", default=None, help="run folder: metrics, checkpoints, export/ (required)"
+    )
     add_deprecated_alias(b, "--output-dir", "--out", dest="output_dir")
     b.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every N steps (0: never)")
-    b.add_argument("--eval-max-batches", type=int, default=d.eval_max_batches, help="cap on validation batches per rank (0: all)")
-    b.add_argument("--log-generations", type=int, default=d.log_generations, help="greedy generations logged per validation")
+    b.add_argument(
+        "--eval-max-batches", type=int, default=d.eval_max_batches, help="cap on validation batches per rank (0: all)"
+    )
+    b.add_argument(
+        "--log-generations", type=int, default=d.log_generations, help="greedy generations logged per validation"
+    )
     b.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length of logged generations")
     b.add_argument("--log-every", type=int, default=d.log_every, help="write a metrics line every N steps")
     b.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: only at the end)")
     b.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept (0: all)")
     b.add_argument("--no-resume", dest="resume", action="store_false", help="ignore checkpoints in --output-dir")
-    b.add_argument("--halt-at-step", type=int, default=0, help="save a checkpoint and stop at this step (time-boxed jobs)")
+    b.add_argument(
+        "--halt-at-step", type=int, default=0, help="save a checkpoint and stop at this step (time-boxed jobs)"
+    )
     b.add_argument("--report-to", default=d.report_to, help=REPORT_TO_HELP)
     b.add_argument("--post", action="append", default=[], metavar="NAME[:SPEC]",
                    help="post-processing after the export (repeatable), e.g. --post app:energy:0.8")

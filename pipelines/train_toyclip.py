@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-zero-shot", type=int, default=1000,
                    help="one-object held-out scenes for zero-shot accuracy with --eval-only (default: %(default)s)")
     p.add_argument("--eval-pairs-final", type=int, default=5000,
-                   help="held-out pairs for gap metrics with --eval-only; R@1 uses the first 1000 (default: %(default)s)")
+                   help="held-out pairs for gap metrics with --eval-only; R@1 uses the first 1000 (default: "
+                        "%(default)s)")
     args = p.parse_args(argv)
     if args.eval_only:
         import time
@@ -69,7 +70,9 @@ def main(argv=None) -> int:
         data = build_eval_set(seed=args.eval_seed, n_zero_shot=args.eval_zero_shot, n_pairs=args.eval_pairs_final,
                               n_retrieval=min(1000, args.eval_pairs_final))
         metrics = evaluate_clip(model, tokenizer, data)
-        metrics.update(fingerprint=model.anisogen_fingerprint, eval_seed=args.eval_seed, eval_seconds=round(time.time() - t0, 1))
+        metrics.update(
+            fingerprint=model.anisogen_fingerprint, eval_seed=args.eval_seed, eval_seconds=round(time.time() - t0, 1)
+        )
         print(json.dumps(metrics, indent=2, sort_keys=True))
         return 0
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})

@@ -125,7 +125,9 @@ def _gap_setup(direction="gap", seed=0):
     lm = tiny_llama(seed=seed)
     g = torch.Generator().manual_seed(42)
     gaps = {li: torch.randn(H, generator=g, dtype=torch.float64) for li in range(3)}
-    dirs = {li: v / v.norm() for li, v in gaps.items()} if direction == "gap" else random_directions(range(3), H, seed=7)
+    dirs = (
+        {li: v / v.norm() for li, v in gaps.items()} if direction == "gap" else random_directions(range(3), H, seed=7)
+    )
     pm = get_peft_model(lm, make_lora_config(target_modules=("q_proj", "o_proj"), layers=[0, 1, 2]))
     apply_gap_init(pm, dirs)
     return pm, gaps
@@ -214,8 +216,10 @@ def test_analyze_cli_on_trained_exports(tmp_path):
                       method_options=["positions=all"], **common))
     cli = _cli()
     out = tmp_path / "an"
-    assert cli.main(["lmar", "--export", f"projector={tmp_path / 's1' / 'export'}", "--export", str(tmp_path / "mo" / "export"),
-                     "--shards", str(tmp_path / "shards"), "--limit", "6", "--max-new-tokens", "3", "--out-dir", str(out),
+    assert cli.main(["lmar", "--export", f"projector={tmp_path / 's1' / 'export'}", "--export",
+                     str(tmp_path / "mo" / "export"),
+                     "--shards", str(tmp_path / "shards"), "--limit", "6", "--max-new-tokens", "3", "--out-dir",
+                     str(out),
                      "--text-keys", "prompt+generated"]) == 0
     data = json.loads((out / "lmar.json").read_text())
     assert set(data) == {"projector", "mores"}

@@ -296,7 +296,8 @@ def test_artifacts_from_before_the_change_still_load(data, tmp_path):
     for key in ("preset", "select", "shrinkage", "v_floor", "bounds", "phase_normalization", "refine_v", "global_scale",
                 "stage1_patience", "stage1_eval_every", "stage1_batch_size", "prior_loss", "ablation_reading",
                 "bound_scale", "bound_k", "select_shrinkage", "select_lambda_phi", "select_bound_scale", "select_size",
-                "select_k", "select_tolerance", "select_calibration_rows", "select_refine_top", "stage1_lr_decays", "stage2_max_samples", "select_pool"):
+                "select_k", "select_tolerance", "select_calibration_rows", "select_refine_top", "stage1_lr_decays",
+                "stage2_max_samples", "select_pool"):
         config["params"].pop(key)
     (tmp_path / "a" / "config.json").write_text(json.dumps(config))
     from safetensors.numpy import load_file, save_file
@@ -311,7 +312,9 @@ def test_artifacts_from_before_the_change_still_load(data, tmp_path):
     # an artifact that cannot be read is refused with one clear line
     tensors.pop("frame.basis")
     save_file(tensors, str(tmp_path / "a" / "tensors.safetensors"))
-    with pytest.raises(ValueError, match=r"cannot load this 'anisoalign' artifact \(written by anisogen 0.1.0\).*refit"):
+    with pytest.raises(
+        ValueError, match=r"cannot load this 'anisoalign' artifact \(written by anisogen 0.1.0\).*refit"
+    ):
         load_aligner(tmp_path / "a")
 
 

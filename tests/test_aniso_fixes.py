@@ -82,7 +82,8 @@ def test_guidance_loss_pulls_towards_the_one_step_denoised_mode():
     assert torch.all(after < wrap(phi0 - MODE).abs())
     # with noise-free draws (sigma_min = sigma_max -> 0) the target is phi itself: zero loss, zero gradient
     phi = phi0.clone().requires_grad_(True)
-    value = guidance_loss(KnownScore(), phi, torch.zeros_like(phi), flat_prior(), t=torch.zeros(1, 1, dtype=torch.float64),
+    value = guidance_loss(KnownScore(), phi, torch.zeros_like(phi), flat_prior(),
+                          t=torch.zeros(1, 1, dtype=torch.float64),
                           noise=torch.zeros(1, M, dtype=torch.float64), tau=0.0, sigma_min=1e-9, sigma_max=1e-9)
     value.sum().backward()
     assert float(value.detach()) < 1e-12 and float(phi.grad.abs().max()) < 1e-6

@@ -131,9 +131,9 @@ def test_closed_form_drift_equals_autograd_of_the_potential(rng):
     # explicit formula of eq. 4, summed over neighbours with eta_lk = -eta_kl
     p0 = phi.detach().numpy()[0]
     expect = prior.weights * np.sin(p0 - prior.anchor)
-    for k, l in prior.edges:
-        expect[k] += prior.strength[k, l] * np.sin(p0[k] - p0[l] - prior.offset[k, l])
-        expect[l] += prior.strength[l, k] * np.sin(p0[l] - p0[k] - prior.offset[l, k])
+    for k, j in prior.edges:
+        expect[k] += prior.strength[k, j] * np.sin(p0[k] - p0[j] - prior.offset[k, j])
+        expect[j] += prior.strength[j, k] * np.sin(p0[j] - p0[k] - prior.offset[j, k])
     np.testing.assert_allclose(potential_grad(phi.detach(), tp)[0].numpy(), expect, atol=1e-13)
 
 
@@ -193,7 +193,9 @@ def test_radial_quantile_matching_maps_text_quantiles_to_image_quantiles():
     radial = fit_radial_map(text, image, knots=512)
     probe = np.array([[0.1, 0.5], [0.5, 0.9]])
     # independent: empirical F_y, then the empirical image quantile at that level
-    expected = np.array([[np.quantile(image[:, k], np.mean(text[:, k] <= r)) for k, r in enumerate(row)] for row in probe])
+    expected = np.array(
+        [[np.quantile(image[:, k], np.mean(text[:, k] <= r)) for k, r in enumerate(row)] for row in probe]
+    )
     np.testing.assert_allclose(radial(probe), expected, rtol=5e-3)
     truth = np.stack([-2.0 * np.log(1 - probe[:, 0]), 5.0 + probe[:, 1]], axis=1)  # population F_x^{-1}(F_y(r))
     np.testing.assert_allclose(radial(probe), truth, rtol=0.06)
@@ -245,10 +247,10 @@ def test_phase_deformation_loss_matches_the_definition(rng):
     delta = torch.tensor(rng.uniform(-0.2, 0.2, (n, m)))
     theta_hat = wrap(theta0 + delta)
     loss = phase_deformation_loss(delta, rho0, edges, eps=1e-8)
-    w = torch.stack([rho0[:, k] * rho0[:, l] for k, l in edges.tolist()], 1)
+    w = torch.stack([rho0[:, k] * rho0[:, j] for k, j in edges.tolist()], 1)
     w = w / (w.sum(1, keepdim=True) + 1e-8)
-    direct = torch.stack([1 - torch.cos((theta_hat[:, k] - theta_hat[:, l]) - (theta0[:, k] - theta0[:, l]))
-                          for k, l in edges.tolist()], 1)
+    direct = torch.stack([1 - torch.cos((theta_hat[:, k] - theta_hat[:, j]) - (theta0[:, k] - theta0[:, j]))
+                          for k, j in edges.tolist()], 1)
     torch.testing.assert_close(loss, (w * direct).sum(1) / 3, atol=1e-12, rtol=0)
     assert float(phase_deformation_loss(torch.zeros(n, m), rho0, edges, 1e-8).abs().max()) == 0.0
     shifted = phase_deformation_loss(delta + 0.37, rho0, edges, 1e-8)  # common rotation keeps relative phases

@@ -67,7 +67,8 @@ def test_stage1_training_is_seeded(stage1):
     theta, rho = image_phases(6000, 1)
     again = build_score_net(M, hidden=64, layers=2, fourier=4, sigma_min=0.01, sigma_max=1.0, seed=3)
     train_score_net(again, theta, rho, prior, diffusion=DIFF,
-                    loop=LoopConfig(steps=400, batch_size=256, lr=3e-3, seed=0, eval_every=100, log_every=50, val_size=1024))
+                    loop=LoopConfig(steps=400, batch_size=256, lr=3e-3, seed=0, eval_every=100, log_every=50,
+                                    val_size=1024))
     for a, b in zip(trained.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
 

@@ -149,7 +149,11 @@ def test_per_layer_selection_filters_only_selected_matrices():
     assert not torch.allclose(merged["2.weight"], ft["2.weight"], atol=1e-3)  # layer 2: filtered
     assert rep["tensors"]["0.weight"]["filtered"] is False
     assert rep["tensors"]["2.weight"]["filtered"] is True
-    assert rep["totals"] == {"matrices": 2, "filtered": 1, "retained_energy": pytest.approx(rep["totals"]["retained_energy"])}
+    assert rep["totals"] == {
+        "matrices": 2,
+        "filtered": 1,
+        "retained_energy": pytest.approx(rep["totals"]["retained_energy"]),
+    }
     merged_list, _ = app_merge(pre, ft, AppConfig(mode="ratio", k_ratio=0.25, include=["2.weight"]))
     assert torch.equal(merged_list["2.weight"], merged["2.weight"])
 
@@ -263,11 +267,15 @@ def test_trainer_post_app_writes_raw_and_merged_exports(stage1, tmp_path):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("merge_cli", Path(__file__).resolve().parents[1] / "pipelines" / "merge.py")
+    spec = importlib.util.spec_from_file_location(
+        "merge_cli", Path(__file__).resolve().parents[1] / "pipelines" / "merge.py"
+    )
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert cli.main(["--pre", str(tmp_path / "s2" / "projector_pre.safetensors"), "--ft", str(raw), "--app", "ratio:0.25",
-                     "--out", str(tmp_path / "cli"), "--export-from", str(raw), "--spectrum", str(tmp_path / "spec")]) == 0
+    assert cli.main(["--pre", str(tmp_path / "s2" / "projector_pre.safetensors"), "--ft", str(raw), "--app",
+                     "ratio:0.25",
+                     "--out", str(tmp_path / "cli"), "--export-from", str(raw), "--spectrum",
+                     str(tmp_path / "spec")]) == 0
     cli_out = load_file(str(tmp_path / "cli" / "projector.safetensors"))
     assert all(torch.equal(cli_out[k], got[k]) for k in got)
     assert (tmp_path / "cli" / "config.json").is_file() and (tmp_path / "spec" / "spectrum.png").is_file()
@@ -339,7 +347,8 @@ def test_trainer_post_app_refusals_and_overrides(stage1, tmp_path):
     init = str(d / "s1" / "export")
     with pytest.raises(ValueError, match="no --init-from"):
         train(TrainConfig(output_dir=str(tmp_path / "a"), method="projector", post=["app:ratio:0.25"], **base))
-    s = train(TrainConfig(output_dir=str(tmp_path / "b"), method="projector", post=["app:ratio:0.25,allow_random_anchor"],
+    s = train(TrainConfig(output_dir=str(tmp_path / "b"), method="projector",
+                          post=["app:ratio:0.25,allow_random_anchor"],
                           **base))
     rep = json.loads((tmp_path / "b" / "export_app-ratio-0.25" / "app_report.json").read_text())
     assert rep["overrides"]["flags"] == ["allow_random_anchor"]
@@ -353,7 +362,9 @@ def test_trainer_post_app_refusals_and_overrides(stage1, tmp_path):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("merge_cli", Path(__file__).resolve().parents[1] / "pipelines" / "merge.py")
+    spec = importlib.util.spec_from_file_location(
+        "merge_cli", Path(__file__).resolve().parents[1] / "pipelines" / "merge.py"
+    )
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     raw = tmp_path / "d" / "export"

@@ -47,7 +47,8 @@ def write_shard_folder(path, emb, src=None, *, model=FP, aligner=None, aligner_n
             for i in range(stop - start):
                 meta = {"id": str(start + i), "row": start + i, "n_tokens": 7, "truncated": False,
                         "model": sample_models.get(start + i, model), "aligner": aligner_name}
-                yield sample_members(make_key(task, i), f"text {start + i}", override.get(start + i, emb_store[i]), meta,
+                yield sample_members(make_key(task, i), f"text {start + i}", override.get(start + i, emb_store[i]),
+                                     meta,
                                      None if src_store is None else src_store[i])
 
         entry = writer.write_shard(out, task, samples())

@@ -94,7 +94,9 @@ def test_paired_npz_and_folder(tmp_path, rows):
 # ---------------------------------------------------------------------------------------- bad input
 def test_missing_shard_is_named_and_skippable(folder):
     (folder / "shard-000001.tar").unlink()
-    with pytest.raises(AuditInputError, match=r"shard-000001\.tar: shard listed in the manifest is missing.*--skip-corrupt"):
+    with pytest.raises(
+        AuditInputError, match=r"shard-000001\.tar: shard listed in the manifest is missing.*--skip-corrupt"
+    ):
         load_shard_folder(folder)
     got = load_shard_folder(folder, skip_corrupt=True)
     assert got.n == got.n_total == 250
@@ -186,7 +188,9 @@ def test_dimension_mismatch_inside_a_shard_and_between_inputs(tmp_path, rows, rn
     shards = load_shard_folder(write_shard_folder(tmp_path / "ok", rows))
     np.save(tmp_path / "img32.npy", unit_rows(rng, 50, 32))
     images = load_images(tmp_path / "img32.npy")
-    with pytest.raises(AuditInputError, match=r"dimension mismatch between inputs: images .*img32\.npy\) d=32, ok .* d=16"):
+    with pytest.raises(
+        AuditInputError, match=r"dimension mismatch between inputs: images .*img32\.npy\) d=32, ok .* d=16"
+    ):
         check_consistency([images, shards])
     np.savez(tmp_path / "p.npz", image=rows, text=unit_rows(rng, 350, 8))
     with pytest.raises(AuditInputError, match=r"p\.npz: dimension mismatch between image d=16 and text d=8"):
@@ -230,7 +234,9 @@ def test_bad_sidecar_and_bad_arrays(tmp_path, rows):
     with pytest.raises(AuditInputError, match=r"missing\.npy: image embeddings not found"):
         load_images(tmp_path / "missing.npy")
     np.savez(tmp_path / "p.npz", image=rows)
-    with pytest.raises(AuditInputError, match=r"p\.npz: paired \.npz needs arrays 'image' and 'text'; missing \['text'\]"):
+    with pytest.raises(
+        AuditInputError, match=r"p\.npz: paired \.npz needs arrays 'image' and 'text'; missing \['text'\]"
+    ):
         load_paired(tmp_path / "p.npz")
 
 
@@ -242,7 +248,9 @@ def test_manifest_that_disagrees_with_the_disk_or_its_totals_is_refused(folder):
     short = {**manifest, "shards": manifest["shards"][:3], "num_tasks": 3,
              "totals": {**manifest["totals"], "shards": 3, "samples": 300}}
     (folder / "manifest.json").write_text(json.dumps(short))
-    with pytest.raises(AuditInputError, match=r"1 shard file\(s\) on disk are not in manifest\.json .*shard-000003\.tar"):
+    with pytest.raises(
+        AuditInputError, match=r"1 shard file\(s\) on disk are not in manifest\.json .*shard-000003\.tar"
+    ):
         load_shard_folder(folder)
     # entries that disagree with totals
     (folder / "manifest.json").write_text(json.dumps({**manifest, "totals": {**manifest["totals"], "samples": 999}}))

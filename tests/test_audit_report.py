@@ -137,7 +137,10 @@ def test_reported_metrics_equal_direct_calls_on_the_loaded_arrays(full_run, worl
     folder = load_shard_folder(world["folders"]["realign"])
     z, y = unit_rows(folder.emb, "z"), unit_rows(folder.src, "y")
     row = next(f for f in report["folders"] if f["label"] == "shards_realign")["metrics"]
-    direct = {**unpaired_metrics(x, z, k=10, seed=0, n_pairs=5000), **semantic_metrics(y, z, k=10, seed=0, n_pairs=5000)}
+    direct = {
+        **unpaired_metrics(x, z, k=10, seed=0, n_pairs=5000),
+        **semantic_metrics(y, z, k=10, seed=0, n_pairs=5000),
+    }
     for key in ("delta_mu", "G_Sigma", "C_lambda", "O_q", "JS_cos", "M_k_Z", "M_k_X", "nn_is_image_frac_Z", "Phi",
                 "Psi", "Omega_k"):
         assert row[key] == pytest.approx(direct[key], rel=1e-9, abs=1e-12), key
@@ -154,7 +157,9 @@ def test_gate_failure_exits_1_with_a_clear_message(world, tmp_path):
     cmd = [sys.executable, str(ROOT / "pipelines" / "audit.py"), "--shards", str(world["folders"]["centroid"]),
            "--images", str(world["images_path"]), "--out", str(tmp_path / "r"), "--k", "10",
            "--fail-if", "M_k_Z>0.05", "--fail-if", "delta_mu>0.05", *FAST]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    )
     assert proc.returncode == 1, proc.stderr
     assert "GATE FAILED [shards_centroid] M_k_Z>0.05: M_k_Z = 0." in proc.stderr
     assert "delta_mu>0.05" not in proc.stderr  # that gate passed

@@ -100,7 +100,8 @@ def test_cli_writes_outputs_and_refuses_other_model(tmp_path, toy, capsys):
     for i, im in enumerate(imgs):
         im.save(folder / f"a{i}.jpg", quality=95)
     cli = _load_cli()
-    assert cli.main(["--images", str(folder), "--model", "toy", "--pretrained", "random", "--out", str(tmp_path / "emb"),
+    assert cli.main(["--images", str(folder), "--model", "toy", "--pretrained", "random", "--out",
+                     str(tmp_path / "emb"),
                      "--workers", "0", "--no-progress"]) == 0
     assert "3 image embeddings" in capsys.readouterr().out
     emb = np.load(tmp_path / "emb" / "img_emb.npy")

@@ -150,7 +150,9 @@ def test_goals_carry_intervals_and_verdicts(ci_run):
     assert {g["verdict"] for g in goals} <= {"holds", "fails", "undecided"}
     # the MLLM difference row is the seed-and-scene bootstrap of the stored per-scene scores
     s1 = res["stage1"]
-    ci = paired_bootstrap(s1["anisoalign"]["mllm"]["heldout"]["per_scene"], s1["realign"]["mllm"]["heldout"]["per_scene"])
+    ci = paired_bootstrap(
+        s1["anisoalign"]["mllm"]["heldout"]["per_scene"], s1["realign"]["mllm"]["heldout"]["per_scene"]
+    )
     row = next(g for g in goals if g["goal"] == "AnisoAlign > realign — MLLM caption accuracy, held-out")
     assert row["measured"] == f"{ci['estimate']:+.4f}" and row["half_width"] == pytest.approx(ci["half_width"])
 

@@ -147,14 +147,17 @@ def test_folders_fingerprints_and_shard_folders(files, tmp_path, capsys):
                                      "reject_list": [], "stats": {}})
     writer.assemble(shards, {"dim": 16, "num_tasks": 2, "model_fingerprint": "toy|random|sha256=0"},
                     writer.list_records(shards), complete=True)
-    code, out, err = run_cli(capsys, "--aligner", "realign", "--text", shards, "--image", img_dir, "--out", tmp_path / "f")
+    code, out, err = run_cli(
+        capsys, "--aligner", "realign", "--text", shards, "--image", img_dir, "--out", tmp_path / "f"
+    )
     assert code == 0, err
     loaded = load_aligner(tmp_path / "f", model_fingerprint="toy|random|sha256=0")
     # natural order (_2 before _10) and the fp16 image files: same fit as the in-memory arrays
     image16 = np.concatenate([image[500:], image[:500]]).astype(np.float16).astype(np.float64)
     direct = fit_aligner("realign", text=text.astype(np.float64), image=image16)
     np.testing.assert_allclose(loaded.transform(held.text), direct.transform(held.text), atol=1e-6)
-    code, _, err = run_cli(capsys, "--aligner", "realign", "--text", shards, "--image", img_dir, "--out", tmp_path / "g",
+    code, _, err = run_cli(capsys, "--aligner", "realign", "--text", shards, "--image", img_dir, "--out",
+                           tmp_path / "g",
                            "--model-fingerprint", "ViT-B-32:other")
     assert code == 2 and "differs from the inputs' ['toy|random|sha256=0']" in err
     code, _, err = run_cli(capsys, "--aligner", "realign", "--text", shards, "--shard-field", "emb", "--image", img_dir,

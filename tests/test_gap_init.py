@@ -51,9 +51,9 @@ def calib_batches(n=6, d_in=16, seed=0, k=1, bs=3):
         ids = torch.zeros(bs, T, dtype=torch.long)
         lab = torch.full((bs, T), -100, dtype=torch.long)
         am = torch.zeros(bs, T, dtype=torch.long)
-        for i, (r, l) in enumerate(zip(rows, labs)):
+        for i, (r, row_labels) in enumerate(zip(rows, labs)):
             ids[i, : len(r)] = torch.tensor(r)
-            lab[i, : len(l)] = torch.tensor(l)
+            lab[i, : len(row_labels)] = torch.tensor(row_labels)
             am[i, : len(r)] = 1
         emb = torch.nn.functional.normalize(torch.randn(bs, 1, d_in, generator=g), dim=-1)
         out.append({"input_ids": ids, "labels": lab, "attention_mask": am, "emb": emb})
@@ -143,7 +143,9 @@ def test_calibration_prefix_never_position_zero():
     with pytest.raises(ValueError, match="position 0"):
         collect_gap_stats(elm.lm, elm.embed, calib_batches(n=3), image_token_id=IMG, num_visual_tokens=1)
     # the prefix is used for both passes and changes the means (vs a one-token prefix)
-    a = collect_gap_stats(elm.lm, elm.embed, calib_batches(n=3), image_token_id=IMG, num_visual_tokens=1, prefix_ids=[1])
+    a = collect_gap_stats(
+        elm.lm, elm.embed, calib_batches(n=3), image_token_id=IMG, num_visual_tokens=1, prefix_ids=[1]
+    )
     b = collect_gap_stats(elm.lm, elm.embed, calib_batches(n=3), image_token_id=IMG, num_visual_tokens=1,
                           prefix_ids=[1, 5, 6])
     assert not torch.allclose(a.text, b.text) and not torch.allclose(a.visual, b.visual)

@@ -243,8 +243,10 @@ def test_cli_help_documents_every_flag_and_runs(world, capsys):
     with pytest.raises(SystemExit):
         cli_main(["--corpus", "x.jsonl", "--out", "o"])  # no aligner: argparse error
     tmp = world["tmp"]
-    rc = cli_main(["--corpus", str(tmp / "corpus.jsonl"), "--id-field", "id", "--model", "toy", "--pretrained", "random",
-                   "--out", str(tmp / "cli"), "--samples-per-shard", "50", "--aligner-dir", str(world["out"] / "aligner"),
+    rc = cli_main(["--corpus", str(tmp / "corpus.jsonl"), "--id-field", "id", "--model", "toy", "--pretrained",
+                   "random",
+                   "--out", str(tmp / "cli"), "--samples-per-shard", "50", "--aligner-dir",
+                   str(world["out"] / "aligner"),
                    "--batch-size", "16", "--threads", "1", "--workers", "0", "--cache-dir", str(tmp / "hf-cache"),
                    "--summary-json", str(tmp / "cli-summary.json")])
     assert rc == 0
@@ -253,8 +255,10 @@ def test_cli_help_documents_every_flag_and_runs(world, capsys):
     out = capsys.readouterr().out
     assert "stage split" in out and "samples/s" in out
     assert shard_bytes(tmp / "cli") == shard_bytes(world["out"])
-    rc = cli_main(["--corpus", str(tmp / "corpus.jsonl"), "--id-field", "id", "--model", "toy", "--pretrained", "random",
-                   "--out", str(tmp / "cli"), "--samples-per-shard", "60", "--aligner-dir", str(world["out"] / "aligner"),
+    rc = cli_main(["--corpus", str(tmp / "corpus.jsonl"), "--id-field", "id", "--model", "toy", "--pretrained",
+                   "random",
+                   "--out", str(tmp / "cli"), "--samples-per-shard", "60", "--aligner-dir",
+                   str(world["out"] / "aligner"),
                    "--threads", "1", "--workers", "0", "--cache-dir", str(tmp / "hf-cache"), "--no-progress"])
     assert rc == 2 and "different config" in capsys.readouterr().err
 
@@ -265,7 +269,11 @@ def test_fit_only_then_slurm_array_workers(world):
     assert s["fit_only"] and (out / "aligner" / "config.json").is_file() and not list(out.glob("shard-*.tar"))
     s0 = generate(_cfg(world, "array", worker_index=0, num_workers=2))  # tasks 0, 2, 4
     assert s0["status"] == "running" and s0["missing_tasks"] == 2 and s0["this_run"]["shards"] == 3
-    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000002.tar", "shard-000004.tar"]
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == [
+        "shard-000000.tar",
+        "shard-000002.tar",
+        "shard-000004.tar",
+    ]
     s1 = generate(_cfg(world, "array", worker_index=1, num_workers=2))  # tasks 1, 3; the last one finalizes
     assert s1["status"] == "complete" and s1["this_run"]["shards"] == 2
     assert shard_bytes(out) == shard_bytes(world["out"]) and manifest_core(out) == manifest_core(world["out"])

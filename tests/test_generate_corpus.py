@@ -51,7 +51,9 @@ def test_csv_parquet_txt_json_and_globs(tmp_path):
     assert pq.files[0].endswith("p-0.parquet") and _records(pq) == expect
     assert _records(Corpus(str(tmp_path / "p-*.parquet"), limit=2, **kw)) == expect[:2]
     assert Corpus(str(tmp_path / "p-*.parquet"), limit=2, **kw).num_rows == 2
-    assert _records(Corpus([str(tmp_path / "p-0.parquet"), str(tmp_path / "p-1.parquet")], streaming=True, **kw)) == expect
+    assert (
+        _records(Corpus([str(tmp_path / "p-0.parquet"), str(tmp_path / "p-1.parquet")], streaming=True, **kw)) == expect
+    )
     txt = Corpus(str(tmp_path / "t.txt"), cache_dir=str(tmp_path / "cache"))
     assert _records(txt) == [(0, "line one", "0"), (1, "empty"), (2, "invalid_unicode"), (3, "line three", "3")]
     js = Corpus(str(tmp_path / "a.json"), **kw)

@@ -66,7 +66,8 @@ def write_images(path: Path, n: int = 300, d: int = 128, seed: int = 1) -> Path:
 
 def make_config(tmp: Path, corpus: Path, images: Path, out: str = "out", **kw) -> GenerateConfig:
     base = dict(corpus=[str(corpus)], out=str(tmp / out), id_field="id", model="toy", pretrained="random",
-                aligner="centroid", images=None if images is None else str(images), fit_samples=120, samples_per_shard=50, batch_size=16,
+                aligner="centroid", images=None if images is None else str(images), fit_samples=120,
+                samples_per_shard=50, batch_size=16,
                 workers=0, threads=1, progress=False, cache_dir=str(tmp / "hf-cache"))
     base.update(kw)
     return GenerateConfig(**base)

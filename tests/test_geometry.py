@@ -31,7 +31,9 @@ def test_gap_report_equals_direct_formulas(rng):
     assert rep["G_Sigma"] == pytest.approx(np.linalg.norm(cx - cy) / np.linalg.norm(cx), rel=1e-9)
     r = x - (y - my + mx)
     assert rep["D_center"] == pytest.approx(np.linalg.norm(r, axis=1).mean(), rel=1e-12)
-    assert rep["R_res"] == pytest.approx(np.linalg.norm(r, axis=1).mean() / np.linalg.norm(x - y, axis=1).mean(), rel=1e-12)
+    assert rep["R_res"] == pytest.approx(
+        np.linalg.norm(r, axis=1).mean() / np.linalg.norm(x - y, axis=1).mean(), rel=1e-12
+    )
     sr = r.T @ r / len(r)
     lr = np.linalg.eigvalsh(sr)
     assert rep["A_r"] == pytest.approx(lr.max() / (lr.sum() / 10), rel=1e-9)

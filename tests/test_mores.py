@@ -271,7 +271,9 @@ def test_embedding_lm_binding_and_registered_method(tmp_path):
     method = get_method("mores")
     opts = parse_options(method, ["positions=f1+l1", "dropout=0.0"])
     logs = []
-    ctx = MethodContext(model=elm, tokenizer=None, config=Cfg(), options=opts, device=torch.device("cpu"), log=logs.append)
+    ctx = MethodContext(
+        model=elm, tokenizer=None, config=Cfg(), options=opts, device=torch.device("cpu"), log=logs.append
+    )
     setup = method.prepare(ctx)
     assert [g.name for g in setup.groups] == ["projector", "steering_rotation", "steering_linear"]
     assert setup.groups[1].weight_decay == 0.0

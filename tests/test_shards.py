@@ -20,7 +20,8 @@ def _samples(task, n, d=8, seed=0, dtype="fp16", src=False):
     for i in range(n):
         meta = {"id": f"doc-{i}", "row": 100 * task + i, "n_tokens": 5 + i, "truncated": i == 1,
                 "model": "toy|random|sha256=0", "aligner": "identity"}
-        out.append(schema.sample_members(schema.make_key(task, i), f"text {i} — ünïcode", schema.encode_embedding(x[i], dtype),
+        out.append(schema.sample_members(schema.make_key(task, i), f"text {i} — ünïcode",
+                                         schema.encode_embedding(x[i], dtype),
                                          meta, schema.encode_embedding(x[i], dtype) if src else None))
     return out, x
 
@@ -68,7 +69,9 @@ def test_write_shard_is_byte_reproducible_and_readable(tmp_path):
     a.mkdir(), b.mkdir()
     ea, x = _publish(a, 3, 6, src=True)
     eb, _ = _publish(b, 3, 6, src=True)
-    assert ea == eb and ea["nsamples"] == 6 and ea["key_first"] == "s000003-000000" and ea["key_last"] == "s000003-000005"
+    assert (
+        ea == eb and ea["nsamples"] == 6 and ea["key_first"] == "s000003-000000" and ea["key_last"] == "s000003-000005"
+    )
     assert (a / "shard-000003.tar").read_bytes() == (b / "shard-000003.tar").read_bytes()
     assert writer.file_sha256(a / "shard-000003.tar") == ea["sha256"]
     with tarfile.open(a / "shard-000003.tar") as tf:
@@ -151,7 +154,9 @@ def test_manifest_sizes_rejects_and_verify(tmp_path):
     assert reader.read_rejects(tmp_path) == recs[1]["reject_list"]
     assert reader.verify_folder(tmp_path) == {"shards": 2, "samples": 7, "keys": 7}
     arr, keys, texts = reader.read_embeddings(tmp_path, with_keys=True, with_text=True)
-    assert arr.shape == (7, 8) and arr.dtype == np.float32 and keys[0] == "s000000-000000" and keys[3] == "s000001-000000"
+    assert (
+        arr.shape == (7, 8) and arr.dtype == np.float32 and keys[0] == "s000000-000000" and keys[3] == "s000001-000000"
+    )
     assert reader.read_embeddings(tmp_path, limit=2).shape == (2, 8)
     with pytest.raises(ValueError, match="src"):
         reader.read_embeddings(tmp_path, field="src")
@@ -159,7 +164,9 @@ def test_manifest_sizes_rejects_and_verify(tmp_path):
     ds = wds.WebDataset(reader.shard_urls(tmp_path), shardshuffle=False).map(reader.decode_wds_sample)
     wkeys = [s["key"] for s in ds]
     assert wkeys == keys
-    listing = subprocess.run(["tar", "tf", str(tmp_path / "shard-000001.tar")], capture_output=True, text=True, check=True)
+    listing = subprocess.run(
+        ["tar", "tf", str(tmp_path / "shard-000001.tar")], capture_output=True, text=True, check=True
+    )
     assert listing.stdout.split()[:3] == ["s000001-000000.emb.npy", "s000001-000000.json", "s000001-000000.txt"]
     # verify notices a manifest/shard disagreement
     m["shards"][0]["nsamples"] = 2

@@ -221,7 +221,9 @@ def test_missing_member(tmp_path):
     _expect_error(path, "s000000-000001", r"lacks member 'emb\.npy'")
     assert reader.read_shard(path, fields=("txt",)).txt == ["a caption"] * 3
     src = _shard(tmp_path / "s", n=3) if (tmp_path / "s").mkdir() is None else None
-    with pytest.raises(ShardFormatError, match=r"sample s000003-000000: lacks member 'src\.npy' \(generate with --keep"):
+    with pytest.raises(
+        ShardFormatError, match=r"sample s000003-000000: lacks member 'src\.npy' \(generate with --keep"
+    ):
         reader.read_shard(src, fields=("emb", "src"))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections import Counter
 
@@ -162,16 +161,24 @@ def test_captions_deterministic_varied_and_true():
 def test_relational_captions_are_geometrically_right():
     s = Scene((SceneObject("star", "red", "small", "top left"), SceneObject("circle", "blue", "large", "bottom right")),
               "white", 11)
-    pattern = re.compile(r"(red|scarlet) (?:five-pointed )?star (to the left of|left of|to the right of|right of|above|below|underneath) an? (?:\w+ )*?(blue) (circle|disk)")
+    pattern = re.compile(r"(red|scarlet) (?:five-pointed )?star "
+                         r"(to the left of|left of|to the right of|right of|above|below|underneath) "
+                         r"an? (?:\w+ )*?(blue) (circle|disk)")
     seen = 0
     for seed in range(40):
         text = captions(s, seed=seed)[STYLES.index("relational")]
-        m = pattern.search(text) or re.search(r"(blue) (?:circle|disk) (to the left of|left of|to the right of|right of|above|below|underneath)", text)
+        m = pattern.search(text) or re.search(
+            r"(blue) (?:circle|disk) (to the left of|left of|to the right of|right of|above|below|underneath)", text
+        )
         assert m, text
         rel = m.group(2)
         star_first = m.group(1) in ("red", "scarlet")
         # star is up-left of the circle, so it is left of / above it; the circle is right of / below
-        assert rel in (("to the left of", "left of", "above") if star_first else ("to the right of", "right of", "below", "underneath"))
+        assert rel in (
+            ("to the left of", "left of", "above")
+            if star_first
+            else ("to the right of", "right of", "below", "underneath")
+        )
         seen += 1
     assert seen == 40
 
@@ -203,7 +210,9 @@ def test_describes_matrix_matches_reference():
 
 
 def test_mentioned_attributes_reads_synonyms():
-    got = mentioned_attributes("Two things: a tiny scarlet crescent moon in the upper left and big donuts on dark gray.")
+    got = mentioned_attributes(
+        "Two things: a tiny scarlet crescent moon in the upper left and big donuts on dark gray."
+    )
     assert got["colors"] == {"red"} and got["shapes"] == {"crescent", "ring"}
     assert got["sizes"] == {"small", "large"} and got["regions"] == {"top left"} and got["count"] == 2
     assert got["background"] is None

@@ -35,7 +35,9 @@ def built(tmp_path_factory):
 
 def test_layout_counts_and_determinism(built, tmp_path):
     out, manifest = built
-    assert manifest["counts"] == {"captions": 300, "images": 12, "heldout": {"pairs": 14, "instructions": manifest["counts"]["heldout"]["instructions"]},
+    instructions = manifest["counts"]["heldout"]["instructions"]
+    assert manifest["counts"] == {"captions": 300, "images": 12,
+                                  "heldout": {"pairs": 14, "instructions": instructions},
                                   "novel": {"pairs": 5, "instructions": manifest["counts"]["novel"]["instructions"]}}
     assert read_manifest(out) == manifest
     again = tmp_path / "again"
@@ -243,7 +245,8 @@ def test_gap_study_markdown_from_a_synthetic_result():
     aniso_params = {"rank": None, "stage1_steps": 2000}
     init = rep(Omega_k=0.8, M_k_X=0.85, params=aniso_params)
     methods = {"identity": rep(Phi=1.0, delta_mu=0.5), "c3": rep(Phi=0.5, params={"sigma": 0.125}),
-               "realign": rep(Omega_k=0.93, M_k_X=0.76), "anisoalign": rep(Omega_k=0.78, M_k_X=0.87, params=aniso_params),
+               "realign": rep(Omega_k=0.93, M_k_X=0.76),
+               "anisoalign": rep(Omega_k=0.78, M_k_X=0.87, params=aniso_params),
                "anisoalign-init": init, "anisoalign-phase": dict(init),
                "anisoalign-paper": rep(Omega_k=0.77, M_k_X=0.88), "anisoalign-prior": rep(Omega_k=0.7702, M_k_X=0.88)}
     selection = [{"candidate": "init gamma=0", "Omega_k": 0.9, "Psi": 0.93, "M_k_X": 0.84, "M_k_Z": 0.9,
@@ -266,7 +269,9 @@ def test_gap_study_markdown_from_a_synthetic_result():
     assert "| `anisoalign` | 0.900 | 0.900 | 0.780 | 0.010 | 0.800 | 0.870 | 15.000 | 0.900 | 0.900 | 1.0 |" in md
     assert "| anisoalign-init, v_scaling=identity | 0.900 | 0.900 | 0.920 |" in md
     assert "- `anisoalign-init`: same as `anisoalign`" in md and "- `c3`: sigma=0.125" in md
-    assert "Ablations with metrics identical to `anisoalign-init` (global initialisation only): `anisoalign-phase`." in md
+    assert (
+        "Ablations with metrics identical to `anisoalign-init` (global initialisation only): `anisoalign-phase`." in md
+    )
     assert ("AnisoAlign ties with `realign` on this world: better on 1 metrics (M_k_X 0.870 vs 0.760), "
             "worse on 1 (Omega_k 0.780 vs 0.930)") in md  # 1 win, 1 loss is a tie
     assert "The largest recovery of Ω_k comes from `v_scaling=identity`: the reshaping" in md

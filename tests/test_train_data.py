@@ -96,7 +96,9 @@ def test_eval_pass_covers_every_key_once(shards, tok):
     d, items = shards
     spec = StreamSpec.from_shards(d)
     for world in (1, 2, 3, 16):  # 16 ranks > 10 shards: sample-level split
-        batches = [b for r in range(world) for b in eval_batches(spec, builder(tok), batch_size=7, rank=r, world_size=world)]
+        batches = [
+            b for r in range(world) for b in eval_batches(spec, builder(tok), batch_size=7, rank=r, world_size=world)
+        ]
         keys = [k for b in batches for k in b["keys"]]
         assert sorted(keys) == sorted(it["key"] for it in items), world
         assert all(torch.equal(b["has_image"], torch.ones(len(b["keys"]), dtype=torch.bool)) for b in batches)

@@ -252,7 +252,9 @@ def test_two_process_ddp_exact_pass_uneven_shards(tmp_path):
         write_caption_shards(tmp_path / f"tmp{i}", items[start:start + n], samples_per_shard=n)
         (tmp_path / f"tmp{i}" / "shard-000000.tar").rename(folder / f"shard-{i:06d}.tar")
         start += n
-    (folder / "sizes.json").write_text(json.dumps({"shard-000000.tar": 31, "shard-000001.tar": 7, "shard-000002.tar": 19}))
+    (folder / "sizes.json").write_text(
+        json.dumps({"shard-000000.tar": 31, "shard-000001.tar": 7, "shard-000002.tar": 19})
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = tmp_path / "run"

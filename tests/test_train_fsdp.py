@@ -93,7 +93,10 @@ def test_fsdp_resume_world_size_change_and_extension(shards, tmp_path):
         assert got[step] == pytest.approx(want[step], rel=1e-9, abs=1e-12), step
     ck = halted / "checkpoints" / "step-00000004"
     assert json.loads((ck / "state.json").read_text())["parallelism"] == "fsdp"
-    assert sorted(p.name for p in ck.glob("rng-rank*.safetensors")) == ["rng-rank0.safetensors", "rng-rank1.safetensors"]
+    assert sorted(p.name for p in ck.glob("rng-rank*.safetensors")) == [
+        "rng-rank0.safetensors",
+        "rng-rank1.safetensors",
+    ]
 
     # one process instead of two: refused unless the global batch (4 x 1 x 2 = 8) is kept
     base = dict(output_dir=str(world_change), train_shards=[str(shards / "train")], lm="tiny", batch_size=4,

@@ -154,7 +154,8 @@ def test_invalid_groups_are_refused_in_one_line():
     model, setup, method, cfg = prepared("lora", "stage2")
     adapter = setup.groups[1].params
     bad = [
-        (MethodSetup(groups=setup.groups + [ParamGroup("again", adapter[:1])]), r"method 'lora'.*in groups 'adapter' and 'again'"),
+        (MethodSetup(groups=setup.groups + [ParamGroup("again", adapter[:1])]),
+         r"method 'lora'.*in groups 'adapter' and 'again'"),
         (MethodSetup(groups=[setup.groups[0], ParamGroup("adapter", adapter + adapter[:1])]), r"method 'lora'.*twice"),
         (MethodSetup(groups=setup.groups[:1]), r"method 'lora': trainable parameters outside every group"),
         (MethodSetup(groups=[ParamGroup("x", setup.groups[0].params, role="lm")]), r"method 'lora'.*role 'lm'"),
@@ -173,7 +174,8 @@ def test_invalid_groups_are_refused_in_one_line():
 
 def test_pinned_group_values_win():
     model, setup, method, cfg = prepared("lora", "stage2", lr=1e-2, weight_decay=0.3)
-    s = MethodSetup(groups=[ParamGroup("projector", setup.groups[0].params, role="projector", lr=3e-4, weight_decay=0.0),
+    s = MethodSetup(groups=[ParamGroup("projector", setup.groups[0].params, role="projector", lr=3e-4,
+                                       weight_decay=0.0),
                             setup.groups[1]])
     groups, desc = optimizer_groups(model, s, method, cfg, stage="stage2")
     assert {g["name"]: (g["lr"], g["weight_decay"]) for g in groups} == {"projector": (3e-4, 0.0),

@@ -37,7 +37,9 @@ def test_bad_conversations_and_bytes_are_rejected_once_at_load(tmp_path):
     recs = load_conversation_records(str(path), store, log)
     assert [r["key"] for r in recs] == ["good-image", "good-text"]
     assert log.total == 5
-    rejected = [json.loads(x) for f in sorted((tmp_path / "rejects").glob("*.jsonl")) for x in f.read_text().splitlines()]
+    rejected = [
+        json.loads(x) for f in sorted((tmp_path / "rejects").glob("*.jsonl")) for x in f.read_text().splitlines()
+    ]
     by_line = {r["source"].rsplit(":", 1)[1]: r["reason"] for r in rejected}
     assert set(by_line) == {"2", "3", "4", "5", "8"}
     assert "alternate" in by_line["2"] and "found 2" in by_line["3"] and "end with an assistant" in by_line["4"]

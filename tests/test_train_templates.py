@@ -109,7 +109,9 @@ def test_truncation_after_placeholders_never_inside(tok):
 
 def test_image_marker_in_answer_is_refused(tok):
     with pytest.raises(TemplateError, match="exactly one"):
-        get_template("plain").encode(caption_conversation("<image> sneaky"), tok, image_token_id=IMG, num_image_tokens=1)
+        get_template("plain").encode(
+            caption_conversation("<image> sneaky"), tok, image_token_id=IMG, num_image_tokens=1
+        )
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<image>"}]
     with pytest.raises(TemplateError, match="user or system"):
         get_template("vicuna_v1").encode(conv, tok, image_token_id=IMG, num_image_tokens=1)

@@ -164,18 +164,22 @@ def _mixed_batch(lm_tok, img):
     convs = [
         [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "red"}],
         [{"role": "user", "content": "Repeat the word: star"}, {"role": "assistant", "content": "star"}],
-        [{"role": "user", "content": "<image>\nShape and place, please?"}, {"role": "assistant", "content": "a heart, left"}],
+        [{"role": "user", "content": "<image>\nShape and place, please?"},
+         {"role": "assistant", "content": "a heart, left"}],
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "hello to you too"}],
     ]
     bl = builder(tok, img)
-    exs = [bl.build({"key": str(i), "conversation": c}, None if i % 2 else rng.standard_normal((1, D)).astype(np.float32),
+    exs = [bl.build({"key": str(i), "conversation": c},
+                    None if i % 2 else rng.standard_normal((1, D)).astype(np.float32),
                     train=False, rng=None) for i, c in enumerate(convs)]
     return Collator(tok.pad_token_id)(exs)
 
 
 def _row_ce(logits, labels):
     lab = labels[1:]
-    return F.cross_entropy(logits[:-1].float(), lab, ignore_index=IGNORE_INDEX, reduction="sum"), int((lab != -100).sum())
+    return F.cross_entropy(logits[:-1].float(), lab, ignore_index=IGNORE_INDEX, reduction="sum"), int(
+        (lab != -100).sum()
+    )
 
 
 def test_mixed_batch_loss_is_the_sum_of_row_losses(lm_tok, img):
@@ -231,7 +235,9 @@ def test_placeholder_checks_with_has_image(lm_tok, img):
     b = _mixed_batch(lm_tok, img)
     with pytest.raises(PlaceholderMismatch, match="row 1 has 0 image placeholder tokens .* 2 visual tokens per sample"):
         m.embed(b["input_ids"], b["emb"])  # strict: has_image=None means every row has an image
-    with pytest.raises(PlaceholderMismatch, match=r"row 0 is text-only \(has_image False\) but has 2 image placeholder"):
+    with pytest.raises(
+        PlaceholderMismatch, match=r"row 0 is text-only \(has_image False\) but has 2 image placeholder"
+    ):
         m.embed(b["input_ids"], b["emb"], torch.tensor([False, False, True, False]))
     with pytest.raises(PlaceholderMismatch, match="row 1 has 0 image placeholder tokens"):
         m.embed(b["input_ids"], b["emb"], torch.ones(4, dtype=torch.bool))

@@ -328,7 +328,9 @@ def get_aligner_class(name: str) -> type[Aligner]:
         raise ValueError(f"unknown aligner {name!r}; registered: {sorted(ALIGNERS)}") from None
 
 
-def load_aligner(directory: str | os.PathLike, *, model_fingerprint: str | None = None, dim: int | None = None) -> Aligner:
+def load_aligner(
+    directory: str | os.PathLike, *, model_fingerprint: str | None = None, dim: int | None = None
+) -> Aligner:
     """Load an artifact written by :meth:`Aligner.save`.
 
     With ``model_fingerprint``, the artifact must have been fitted for exactly that CLIP model; with

@@ -221,7 +221,9 @@ def _check_manifest_consistency(folder: Path, manifest: dict, entries: list[dict
     a subset that looks like the whole would be silent data loss."""
     names = [e.get("name") for e in entries]
     if len(set(names)) != len(names):
-        raise AuditInputError(f"{folder / MANIFEST_NAME}: lists a shard twice; regenerate the manifest (rerun generate)")
+        raise AuditInputError(
+            f"{folder / MANIFEST_NAME}: lists a shard twice; regenerate the manifest (rerun generate)"
+        )
     totals = manifest.get("totals", {})
     listed = {"shards": len(entries), "samples": sum(int(e.get("nsamples", 0)) for e in entries)}
     for key, value in listed.items():
@@ -423,7 +425,9 @@ def load_paired(path: str | os.PathLike, *, max_samples: int | None = None, seed
             with np.load(p, allow_pickle=False) as data:
                 missing = {"image", "text"} - set(data.files)
                 if missing:
-                    raise AuditInputError(f"{p}: paired .npz needs arrays 'image' and 'text'; missing {sorted(missing)}")
+                    raise AuditInputError(
+                        f"{p}: paired .npz needs arrays 'image' and 'text'; missing {sorted(missing)}"
+                    )
                 image, text = data["image"], data["text"]
         except (ValueError, OSError, EOFError) as exc:
             if isinstance(exc, AuditInputError):

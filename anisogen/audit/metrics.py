@@ -120,7 +120,9 @@ def mixing_query_rows(n_image: int, n_substitute: int, max_queries: int | None, 
     """Rows of ``vstack([X, Z])`` scored by kNN mixing: at most ``max_queries`` seeded rows of each modality,
     drawn as :func:`anisogen.geometry.knn_mixing` draws them (all rows when ``max_queries`` is None)."""
     rng = np.random.default_rng(seed)
-    return np.concatenate([sample_rows(n_image, max_queries, rng), n_image + sample_rows(n_substitute, max_queries, rng)])
+    return np.concatenate(
+        [sample_rows(n_image, max_queries, rng), n_image + sample_rows(n_substitute, max_queries, rng)]
+    )
 
 
 def semantic_query_rows(n: int, max_queries: int | None, seed: int) -> np.ndarray:

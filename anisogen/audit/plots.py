@@ -44,7 +44,8 @@ def _draw_order(labels: Sequence[str], colours: Mapping[str, str]) -> list[tuple
     widths = np.linspace(4.0, 1.6, len(folders)) if len(folders) > 1 else [1.8]
     out = [(lab, {"color": colours.get(lab), "lw": float(w), "ls": "-", "zorder": 2 + i})
            for i, (lab, w) in enumerate(zip(folders, widths))]
-    out += [(lab, {"color": colours.get(lab), "lw": 1.2, "ls": "--" if lab in REFERENCE_TEXT else "-", "zorder": 20 + i})
+    out += [(lab,
+             {"color": colours.get(lab), "lw": 1.2, "ls": "--" if lab in REFERENCE_TEXT else "-", "zorder": 20 + i})
             for i, lab in enumerate(refs)]
     return out
 
@@ -140,7 +141,8 @@ def plot_knn_mixing(path, rows: Mapping[str, Mapping[str, float]], colours: Mapp
     finite = [v for lab in labels for v in (rows[lab].get(m) for m, _ in metrics)
               if v is not None and np.isfinite(v)]
     top = max([1.0, *finite]) + 0.12
-    ax.set(ylabel="score", ylim=(0, top), title=f"kNN modality mixing (k = {k}; 1 = as mixed as random labels, 0 = separated; "
+    ax.set(ylabel="score", ylim=(0, top), title=f"kNN modality mixing (k = {k}; 1 = as mixed as random labels, 0 = "
+                                                f"separated; "
                                                 f"dashes: NN-is-image at chance)")
     ax.axhline(1.0, color="#bbbbbb", lw=0.8, ls=":")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)

@@ -104,7 +104,8 @@ def versions() -> dict:
     import torch
 
     return {"anisogen": __version__, "python": platform.python_version(), "numpy": np.__version__,
-            "faiss": getattr(faiss, "__version__", "?"), "torch": torch.__version__, "matplotlib": matplotlib.__version__}
+            "faiss": getattr(faiss, "__version__", "?"), "torch": torch.__version__,
+            "matplotlib": matplotlib.__version__}
 
 
 def json_safe(obj: Any) -> Any:
@@ -299,7 +300,8 @@ def run_audit(cfg: AuditConfig) -> dict:
     report = {
         "format": "anisogen-audit", "format_version": 1, "complete": True,
         "command": list(sys.argv),
-        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("shards", "images", "out", "paired", "progress")},
+        "settings": {k: v for k, v in asdict(cfg).items()
+                     if k not in ("shards", "images", "out", "paired", "progress")},
         "versions": versions(),
         "d": d,
         "model_fingerprint": fingerprint,
@@ -352,7 +354,8 @@ def make_figures(out: Path, rows: list[dict], curves: dict, cosines: dict, pca_g
     rel = "plots/knn_mixing.png"
     plots.plot_knn_mixing(out / rel, {r["label"]: r["metrics"] for r in rows if not r["reference"]}, colours, k=k)
     figs.append((rel, "kNN modality mixing", "M_k^Z / M_k^X: neighbourhood label entropy of substitutes / images in "
-                 "the pooled set, normalised by its value under random labels (1 = as mixed as random labels, 0 = separated; "
+                 "the pooled set, normalised by its value under random labels (1 = as mixed as random labels, 0 = "
+                 "separated; "
                  "above 1 when neighbourhoods are closer to half images than the pool is, which happens when the two "
                  "sets differ in size); "
                  "NN is image: share of substitutes whose nearest neighbour is an image."))

@@ -153,7 +153,9 @@ def _id_value(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
 
 
-def parse_fields(obj: Any, row: int, text_field: str, id_field: str | None, *, null_is_missing: bool) -> Record | Reject:
+def parse_fields(
+    obj: Any, row: int, text_field: str, id_field: str | None, *, null_is_missing: bool
+) -> Record | Reject:
     """Validate one mapping record into a :class:`Record` or :class:`Reject`."""
     if not isinstance(obj, dict):
         return Reject(row, "invalid_json", f"expected a JSON object, got {type(obj).__name__}")

@@ -215,7 +215,9 @@ def embed_images(path: str | os.PathLike, model, preprocess: Callable, *, device
         bar.close()
     if failures:
         shown = "; ".join(f"{k} ({e})" for k, e in failures[:5])
-        logger.warning("skipped %d undecodable image(s): %s%s", len(failures), shown, " ..." if len(failures) > 5 else "")
+        logger.warning(
+            "skipped %d undecodable image(s): %s%s", len(failures), shown, " ..." if len(failures) > 5 else ""
+        )
     if not outs:
         raise ValueError(f"{path}: no decodable images found ({len(failures)} failed)")
     return np.concatenate(outs).astype(np.float32), keys, failures

@@ -23,12 +23,11 @@ L2-normalised unless ``normalize=False``; times in seconds.
 
 from __future__ import annotations
 
-import html
 import itertools
 import re
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch

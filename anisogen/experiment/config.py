@@ -77,7 +77,8 @@ class ExperimentConfig:
 #: Reduced sizes for CI (tests/test_experiment.py): same code paths, minutes -> seconds.
 CI_OVERRIDES = dict(
     n_text=600, n_unpaired_images=600, n_eval=40, n_novel=60, n_qa_scenes=10, n_instruction_scenes=150,
-    aligners=("identity", "realign", "anisoalign"), mllm_conditions=("identity", "realign", "anisoalign", "oracle", "blind"),
+    aligners=("identity", "realign", "anisoalign"),
+    mllm_conditions=("identity", "realign", "anisoalign", "oracle", "blind"),
     lm_hidden=64, lm_layers=2, lm_vocab=512, lm_pretrain_steps=200, lm_pretrain_batch=32, lm_pretrain_lr=3e-3,
     stage1_seeds=(0, 1), stage1_steps=60, stage2_steps=15, stage2_seeds=(0, 1), caption_tokens=40, answer_tokens=16,
     threads=1,

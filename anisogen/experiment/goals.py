@@ -53,7 +53,9 @@ def stage1_goals(s1: dict, others=("realign", "unicorn", "c3", "identity")) -> l
             if a is None:
                 continue
             if o is not None:
-                rows.append(_ratio_row(f"AnisoAlign ≥ 95% of Oracle — {label}", paired_bootstrap(a, o, ratio=True), 0.95))
+                rows.append(
+                    _ratio_row(f"AnisoAlign ≥ 95% of Oracle — {label}", paired_bootstrap(a, o, ratio=True), 0.95)
+                )
             for other in others:
                 b = scores(other)
                 if b is not None:

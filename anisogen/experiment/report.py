@@ -217,7 +217,8 @@ def transfer_probe(res: dict) -> list[str]:
         ret = pr.get("retrieval")
         p4 = paper.ANISOALIGN_TABLE4.get(n) if n.startswith("anisoalign-") else None
         rows.append([f"**{n}**" if n == "anisoalign" else n, _f(pr["linear"]["heldout"]["mean"]),
-                     _f(pr["mlp"]["heldout"]["mean"]), _f(pr["linear"]["novel"]["mean"]), _f(pr["mlp"]["novel"]["mean"]),
+                     _f(pr["mlp"]["heldout"]["mean"]), _f(pr["linear"]["novel"]["mean"]),
+                     _f(pr["mlp"]["novel"]["mean"]),
                      _f(ret["r1"]) if ret else "–", _f(ret["r5"]) if ret else "–",
                      f"{ret['median_rank']:.0f}" if ret else "–", f"{p4['label']} {p4['avg']:.2f}" if p4 else ""])
     return [
@@ -265,10 +266,14 @@ def stage2_tables(res: dict) -> list[str]:
     s2 = res["stage2"]
     out = ["## Stage 2: instruction tuning on substitute embeddings\n",
            "### Projector-only tuning: APP vs the naive task vector\n"]
-    ref = {"stage1 (theta_pre)": paper.APP_TABLE3["zero-shot"], "naive task vector": paper.APP_TABLE3["naive task vector"]}
+    ref = {
+        "stage1 (theta_pre)": paper.APP_TABLE3["zero-shot"],
+        "naive task vector": paper.APP_TABLE3["naive task vector"],
+    }
     rows = [[k, _f(r["qa_accuracy"]), _f(r["pope"]["accuracy"]), _f(r["pope"]["f1"]), _f(r["pope"]["yes_ratio"]),
              " ".join(f"{t}:{v:.2f}" for t, v in r["qa_by_type"].items()),
-             _f(ref.get(k, paper.APP_TABLE3["APP"] if k.startswith("APP") else None), 1)] for k, r in s2["merge"].items()]
+             _f(ref.get(k, paper.APP_TABLE3["APP"] if k.startswith("APP") else None), 1)]
+            for k, r in s2["merge"].items()]
     out.append(_table(["projector", "QA acc", "POPE acc", "POPE F1", "yes ratio", "QA by type",
                        "paper APP Table 3 avg (qualitative)"], rows))
     out.append("\nThe naive task vector is θ_pre + 1.0·(θ_ft − θ_pre), i.e. the fine-tuned projector itself. APP "

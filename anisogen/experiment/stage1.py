@@ -165,7 +165,8 @@ def run_stage1(cfg: ExperimentConfig, world: World, lm: str, aligners: dict, log
     results = {}
     for c in conditions(cfg, world, aligners):
         t0 = time.perf_counter()
-        r = {"fit_seconds": c.fit_seconds, "substitute_cosine_to_image": _cosine_to_oracle(c.train_emb, world.oracle_emb),
+        r = {"fit_seconds": c.fit_seconds,
+             "substitute_cosine_to_image": _cosine_to_oracle(c.train_emb, world.oracle_emb),
              "probe": _probe(c, labels, cfg.seed)}
         r["probe_seconds"] = time.perf_counter() - t0
         log(f"stage 1 {c.name}: probe (linear, held-out) {r['probe']['linear']['heldout']['mean']:.3f} "

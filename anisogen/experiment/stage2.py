@@ -79,7 +79,12 @@ def run_stage2(cfg: ExperimentConfig, world: World, lm: str, stage1: dict, align
     for seed in cfg.stage2_seeds:
         for tag, method, opts in (("lora-r1 (random init)", "lora", lora1), ("gap_init r1", "gap_init", gap)):
             s, info = run(f"{method}-r1-seed{seed}", seed, method=method, method_options=opts, freeze_projector=True)
-            r = {**qa(s["export_dir"]), **info, "seed": seed, "trainable_parameters": trainable_parameters(s["export_dir"])}
+            r = {
+                **qa(s["export_dir"]),
+                **info,
+                "seed": seed,
+                "trainable_parameters": trainable_parameters(s["export_dir"]),
+            }
             seeds[tag].append(r)
             log(f"stage 2 {tag} seed {seed}: QA {r['qa_accuracy']:.3f}, POPE acc {r['pope']['accuracy']:.3f}")
     out["seeds"] = {tag: {"qa_accuracy": _mean_std([r["qa_accuracy"] for r in rs]),
@@ -93,7 +98,9 @@ def run_stage2(cfg: ExperimentConfig, world: World, lm: str, stage1: dict, align
     out["peft"] = {}
     for tag, method, opts in (("MoReS r1", "mores", {"rank": 1, "seed": cfg.seed}),
                               ("LoRA r8", "lora", {"r": 8, "alpha": 16})):
-        s, info = run(tag.replace(" ", "-").lower(), cfg.seed, method=method, method_options=opts, freeze_projector=True)
+        s, info = run(
+            tag.replace(" ", "-").lower(), cfg.seed, method=method, method_options=opts, freeze_projector=True
+        )
         r = {**qa(s["export_dir"]), **info, "trainable_parameters": trainable_parameters(s["export_dir"])}
         out["peft"][tag] = r
         log(f"stage 2 {tag}: QA {r['qa_accuracy']:.3f}, params {r['trainable_parameters']}")

@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--corpus", nargs="+", required=True, metavar="PATH_OR_GLOB",
                    help="local .jsonl/.json/.csv/.parquet/.txt files, globs or folders (read in sorted order), "
                         "or a hub dataset name (owner/name, streamed)")
-    g.add_argument("--text-field", default="text", help="key/column holding the text (ignored for .txt: one text per line)")
+    g.add_argument(
+        "--text-field", default="text", help="key/column holding the text (ignored for .txt: one text per line)"
+    )
     g.add_argument("--id-field", default=None, help="key/column holding a source id (default: the input row number)")
     g.add_argument("--limit", type=int, default=None, help="use only the first N input rows (rejected rows count)")
     g.add_argument("--streaming", action="store_true", default=None,
@@ -65,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "for toy, random init for other names)")
 
     g = p.add_argument_group("aligner (fit with --aligner + --images, or reuse with --aligner-dir)")
-    g.add_argument("--aligner", default=None, help="aligner to fit: identity, centroid, unicorn, c3, realign, anisoalign (and its ablations anisoalign-*)")
+    g.add_argument(
+        "--aligner",
+        default=None,
+        help="aligner to fit: identity, centroid, unicorn, c3, realign, anisoalign (and its ablations anisoalign-*)",
+    )
     g.add_argument("--param", dest="aligner_param", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                    help="aligner hyper-parameter (JSON value), repeatable, e.g. --param sigma=0.5")
     add_deprecated_alias(g, "--aligner-param", "--param", dest="aligner_param", type=_kv)
@@ -81,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after fitting the aligner (e.g. before a Slurm job array)")
 
     g = p.add_argument_group("output shards")
-    g.add_argument("--out", required=True, help="output folder (shards, manifest.json, sizes.json, rejects.jsonl, aligner/)")
+    g.add_argument(
+        "--out", required=True, help="output folder (shards, manifest.json, sizes.json, rejects.jsonl, aligner/)"
+    )
     g.add_argument("--samples-per-shard", type=int, default=10_000, help="input rows per task/shard")
     g.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="storage dtype of emb.npy/src.npy: float16, bfloat16 bits in a uint16 array, or float32")
@@ -105,10 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=1,
                    help="DataLoader workers per process that read, validate and tokenise tasks")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: cores / local processes)")
+    g.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads per process (default: cores / local processes)"
+    )
     g.add_argument("--executor", default="accelerate", choices=["accelerate", "ray"],
                    help="accelerate: this process or `accelerate launch` ranks; ray: one Ray task per shard")
-    g.add_argument("--ray-address", default=None, help="Ray cluster address ('auto' joins a running cluster; default: local)")
+    g.add_argument(
+        "--ray-address", default=None, help="Ray cluster address ('auto' joins a running cluster; default: local)"
+    )
     g.add_argument("--ray-retries", type=int, default=3, help="retries of a failed Ray shard task")
     g.add_argument("--ray-gpus-per-task", type=float, default=None, help="GPUs reserved per Ray task")
     g.add_argument("--job-index", dest="worker_index", type=int, default=0,
@@ -117,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of independent jobs sharing the tasks, e.g. a Slurm array")
     add_deprecated_alias(g, "--worker-index", "--job-index", dest="worker_index", type=int)
     add_deprecated_alias(g, "--num-workers", "--num-jobs", dest="num_workers", type=int)
-    g.add_argument("--manifest-interval", type=float, default=30.0, help="seconds between manifest refreshes while running")
+    g.add_argument(
+        "--manifest-interval", type=float, default=30.0, help="seconds between manifest refreshes while running"
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar or summary (logs only)")
     g.add_argument("--summary-json", default=None, help="also write the final summary to this JSON file")
     g.add_argument("--allow-empty", action="store_true",

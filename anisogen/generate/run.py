@@ -206,7 +206,9 @@ def check_resume(cfg: GenerateConfig, out: Path, resolved: dict) -> str:
 
 def _wrote_anything(out: Path) -> bool:
     """Whether ``out`` holds any shard, completion record or temp tar (work a config change would discard)."""
-    return bool(list(out.glob(SHARD_GLOB)) or list((out / RECORDS_DIRNAME).glob("*.json")) or list(out.glob("*.tar.*.tmp")))
+    return bool(
+        list(out.glob(SHARD_GLOB)) or list((out / RECORDS_DIRNAME).glob("*.json")) or list(out.glob("*.tar.*.tmp"))
+    )
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -260,7 +262,8 @@ def fit_or_load_aligner(cfg: GenerateConfig, dist: Dist, out: Path, corpus: Corp
             raise GenerateInputError(f"--images {cfg.images}: {exc}") from None
         if image.shape[1] != text.shape[1]:
             raise GenerateInputError(f"--images {cfg.images}: image embeddings have d={image.shape[1]}, "
-                                     f"the text embeddings d={text.shape[1]}; embed the images with --model {cfg.model}")
+                                     f"the text embeddings d={text.shape[1]}; "
+                                     f"embed the images with --model {cfg.model}")
         enc_s = time.perf_counter() - t0
         aligner = fit_aligner(cfg.aligner, text=text.astype(np.float64), image=image.astype(np.float64),
                               seed=cfg.seed, model_fingerprint=model_fingerprint,

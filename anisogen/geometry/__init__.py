@@ -9,7 +9,8 @@ from .method import (
 from .spectrum import anisotropy_ratio, cumulative_energy, effective_dimension, sorted_eigh, top_eigvecs
 
 __all__ = [
-    "gap_report", "method_report", "knn_search", "drop_self", "covariance_gap", "knn_mixing", "spectral_correlation", "subspace_overlap",
+    "gap_report", "method_report", "knn_search", "drop_self", "covariance_gap", "knn_mixing", "spectral_correlation",
+    "subspace_overlap",
     "binary_entropy", "instance_consistency", "neighbour_overlap", "pairwise_correlation", "residual_spectrum",
     "anisotropy_ratio", "cumulative_energy", "effective_dimension", "sorted_eigh", "top_eigvecs",
 ]

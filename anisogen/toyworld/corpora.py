@@ -87,7 +87,10 @@ def _write_paired(folder: Path, split: str, n: int, seed: int, size: int, progre
         for j, rec in enumerate(instruction_records(scene, seed=seed)):
             instr.append({"id": f"{key}q{j:02d}", "scene_id": key, "image": image, "type": rec["type"],
                           "conversations": rec["conversation"], "answers": rec["answers"], "pope": rec["pope"]})
-    return {"pairs": _jsonl(folder / "pairs.jsonl", pairs), "instructions": _jsonl(folder / "instructions.jsonl", instr)}
+    return {
+        "pairs": _jsonl(folder / "pairs.jsonl", pairs),
+        "instructions": _jsonl(folder / "instructions.jsonl", instr),
+    }
 
 
 def write_corpora(out_dir: str | os.PathLike, *, n_text: int = 100_000, n_images: int = 10_000,
@@ -117,7 +120,8 @@ def write_corpora(out_dir: str | os.PathLike, *, n_text: int = 100_000, n_images
         manifest = {
             "format": FORMAT, "anisogen_version": __version__, "seed": seed, "image_size": image_size,
             "counts": counts,
-            "streams": {"captions": ["train", TEXT_STREAM], "images": ["train", IMAGE_STREAM], "heldout": ["heldout", 0],
+            "streams": {"captions": ["train", TEXT_STREAM], "images": ["train", IMAGE_STREAM],
+                        "heldout": ["heldout", 0],
                         "novel": ["novel", 0]},
             "vocabulary": {"colors": list(COLORS), "shapes": list(SHAPES), "sizes": list(SIZES),
                            "regions": list(REGIONS), "backgrounds": list(BACKGROUNDS), "styles": list(STYLES)},

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from .corpora import IMAGE_STREAM, TEXT_STREAM, _text_rows
+from .corpora import IMAGE_STREAM, _text_rows
 from .quality import encode_captions, encode_pixels, heldout_pairs
 from .render import render_array
 from .scenes import sample_scenes
@@ -136,7 +136,8 @@ def run_gap_study(model, tokenizer, *, fingerprint: str, n_text: int = 20_000, n
     for name in names:
         rep = methods[name] = evaluate(name, params.get(name, {}))
         log(f"{name}: fit {rep['fit_s']:.1f}s, Phi={rep['Phi']:.3f} Psi={rep['Psi']:.3f} "
-            f"delta_mu={rep['delta_mu']:.4f} M_k_Z={rep['M_k_Z']:.3f} M_k_X={rep['M_k_X']:.3f} z2x_r1={rep['z2x_r1']:.3f}")
+            f"delta_mu={rep['delta_mu']:.4f} M_k_Z={rep['M_k_Z']:.3f} M_k_X={rep['M_k_X']:.3f} "
+            f"z2x_r1={rep['z2x_r1']:.3f}")
     diag = {}
     for label, (name, overrides) in (DIAGNOSTICS.items() if diagnostics else ()):
         if name in names:
@@ -250,7 +251,11 @@ def analysis_notes(result: dict) -> list[str]:
                      f"{_f(r['M_k_X'])} ({float(a['M_k_X']) - float(r['M_k_X']):+.4f}; target ≥ +0.03).")
         notes.append(line)
     if "anisoalign-init" in m:
-        same = [n for n in m if n.startswith("anisoalign") and n != "anisoalign-init" and _same_outputs(m[n], m["anisoalign-init"])]
+        same = [
+            n
+            for n in m
+            if n.startswith("anisoalign") and n != "anisoalign-init" and _same_outputs(m[n], m["anisoalign-init"])
+        ]
         if same:
             notes.append("Ablations with metrics identical to `anisoalign-init` (global initialisation only): "
                          + ", ".join(f"`{n}`" for n in same) + ". Their refinement objective is stationary at zero "
@@ -268,7 +273,11 @@ def analysis_notes(result: dict) -> list[str]:
                      f"{_f(pr['Omega_k'])}, M_k^X {_f(phase_sum['M_k_X'])} vs {_f(pr['M_k_X'])}): the phase term now "
                      "acts.")
         notes.append(line)
-    if "anisoalign-paper" in m and "anisoalign-init" in m and not _same_outputs(m["anisoalign-paper"], m["anisoalign-init"]):
+    if (
+        "anisoalign-paper" in m
+        and "anisoalign-init" in m
+        and not _same_outputs(m["anisoalign-paper"], m["anisoalign-init"])
+    ):
         a, i = m["anisoalign-paper"], m["anisoalign-init"]
         mix = (a["M_k_Z"] - i["M_k_Z"]) + (a["M_k_X"] - i["M_k_X"])
         sem = (a["Phi"] - i["Phi"]) + (a["Psi"] - i["Psi"]) + (a["Omega_k"] - i["Omega_k"])
@@ -320,7 +329,8 @@ def analysis_notes(result: dict) -> list[str]:
         sigma = (c.get("params") or {}).get("sigma")
         line = (f"C3 adds isotropic Gaussian noise with σ = {_f(sigma, 4)} per dimension (the original recipe), "
                 f"norm ≈ σ√d = {_f(float(sigma) * s['d'] ** 0.5, 2)} against unit embeddings at d = {s['d']}: hence "
-                f"Φ = {_f(c['Phi'])}, M_k^X = {_f(c['M_k_X'])} (the noisy substitutes form their own cloud, away from the images) and "
+                f"Φ = {_f(c['Phi'])}, M_k^X = {_f(c['M_k_X'])} (the noisy substitutes form their own cloud, away from "
+                f"the images) and "
                 f"the low A_r_T = {_f(c['A_r_T'], 1)} (noise whitens the residual); its leftover Δµ = "
                 f"{_f(c['delta_mu'])} resembles the paper's 0.276." if sigma is not None else "")
         paper_phi = PAPER_METHODS["c3"]["Phi"]
@@ -391,7 +401,11 @@ def render_markdown(result: dict, *, command: str, notes: list[str] | None = Non
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rep in methods.items():
-        cells = [_f(rep.get(k)) for k in METHOD_KEYS] + [_f(rep.get("z2x_r1")), _f(rep.get("x2z_r1")), _f(rep.get("fit_s"), 1)]
+        cells = [_f(rep.get(k)) for k in METHOD_KEYS] + [
+            _f(rep.get("z2x_r1")),
+            _f(rep.get("x2z_r1")),
+            _f(rep.get("fit_s"), 1),
+        ]
         out.append(f"| `{name}` | " + " | ".join(cells) + " |")
     out += [
         "",
@@ -401,7 +415,11 @@ def render_markdown(result: dict, *, command: str, notes: list[str] | None = Non
         "|---|---|---|---|---|---|---|",
     ]
     for name, rep in PAPER_METHODS.items():
-        out.append(f"| {name} | " + " | ".join(_f(rep.get(k)) for k in ("Phi", "Psi", "Omega_k", "delta_mu", "M_k_Z", "M_k_X")) + " |")
+        out.append(
+            f"| {name} | "
+            + " | ".join(_f(rep.get(k)) for k in ("Phi", "Psi", "Omega_k", "delta_mu", "M_k_Z", "M_k_X"))
+            + " |"
+        )
     diag = result.get("diagnostics") or {}
     if diag:
         out += ["", "Diagnostic fits (explain the table above; not part of the comparison; defaults otherwise):", "",

@@ -100,7 +100,9 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     big = size * SUPERSAMPLE
     f = scale * SUPERSAMPLE  # reference pixels -> supersampled pixels
 
-    bg = np.clip(np.array(BACKGROUND_RGB[scene.background]) + rng.integers(-BACKGROUND_JITTER, BACKGROUND_JITTER + 1, 3), 0, 255)
+    bg = np.clip(
+        np.array(BACKGROUND_RGB[scene.background]) + rng.integers(-BACKGROUND_JITTER, BACKGROUND_JITTER + 1, 3), 0, 255
+    )
     canvas = Image.new("RGB", (big, big), tuple(int(v) for v in bg))
     for obj in scene.objects:
         col, row = REGION_GRID[obj.region]

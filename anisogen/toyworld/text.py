@@ -130,13 +130,17 @@ def _join(items: Sequence[str], rng: np.random.Generator) -> str:
     return ", ".join(items)
 
 
-def _noun_phrase(rng, obj, *, color=True, shape=True, size=False, article=True, generic=None) -> tuple[str, ObjectClaim]:
+def _noun_phrase(
+    rng, obj, *, color=True, shape=True, size=False, article=True, generic=None
+) -> tuple[str, ObjectClaim]:
     words = []
     if size:
         words.append(_pick(rng, SIZE_WORDS[obj.size]))
     if color:
         words.append(_pick(rng, COLOR_WORDS[obj.color]))
-    words.append(_pick(rng, SHAPE_WORDS[obj.shape]) if shape else (generic or _choice(rng, ("object", "shape", "thing"))))
+    words.append(
+        _pick(rng, SHAPE_WORDS[obj.shape]) if shape else (generic or _choice(rng, ("object", "shape", "thing")))
+    )
     phrase = " ".join(words)
     claim = ObjectClaim(shape=obj.shape if shape else None, color=obj.color if color else None,
                         size=obj.size if size else None)
@@ -228,7 +232,8 @@ def _style_relational(rng, scene):
         if rng.random() < 0.5:
             anchor = int(rng.integers(2))
             rel2 = _choice(rng, _valid_relations(objs[2], objs[anchor]))
-            text += f", and {nps[2]} {_choice(rng, _RELATION_PHRASES[rel2])} the {_pick(rng, SHAPE_WORDS[objs[anchor].shape])}"
+            phrase = _choice(rng, _RELATION_PHRASES[rel2])
+            text += f", and {nps[2]} {phrase} the {_pick(rng, SHAPE_WORDS[objs[anchor].shape])}"
             # "the <shape>" refers back to the anchor; the claim binds it to that object
             relations.append((2, rel2, anchor))
         else:

@@ -85,7 +85,9 @@ def load_trainable(model, tensors: dict[str, torch.Tensor]) -> None:
     params = dict(_unwrap(model).named_parameters())
     for n in names:
         if tuple(tensors[n].shape) != tuple(params[n].shape):
-            raise ValueError(f"checkpoint tensor {n} has shape {tuple(tensors[n].shape)}, model has {tuple(params[n].shape)}")
+            raise ValueError(
+                f"checkpoint tensor {n} has shape {tuple(tensors[n].shape)}, model has {tuple(params[n].shape)}"
+            )
     if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

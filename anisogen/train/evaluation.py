@@ -132,7 +132,7 @@ def evaluate_export(
         "n": len(captions),
         "caption_loss": loss_sum / max(tokens, 1),
         "caption_tokens": tokens,
-        "samples": [{"reference": r, "generated": g, "loss": l} for r, g, l in zip(captions, gens, per)],
+        "samples": [{"reference": r, "generated": g, "loss": loss} for r, g, loss in zip(captions, gens, per)],
     }
     if vocabularies:
         report["attributes"] = attribute_accuracy(gens, list(captions), vocabularies)

@@ -163,7 +163,8 @@ class ExportedModel:
         return out
 
     @torch.no_grad()
-    def caption_loss(self, embeddings, captions: Sequence[str], *, prompt: str | None = None, batch_size: int = 16) -> dict:
+    def caption_loss(self, embeddings, captions: Sequence[str], *, prompt: str | None = None,
+                     batch_size: int = 16) -> dict:
         """Mean per-token cross-entropy (nats) of ``captions`` given their embeddings, under the
         export's template. Returns ``{"loss", "tokens", "per_sample"}`` (per_sample: mean CE per caption)."""
         from .data import Collator

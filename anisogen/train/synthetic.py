@@ -36,7 +36,11 @@ def make_items(n: int, *, d: int = 32, seed: int = 0, noise: float = 0.1) -> lis
     dirs = attribute_directions(d)
     items = []
     for i in range(n):
-        c, s, p = COLORS[rng.integers(len(COLORS))], SHAPES[rng.integers(len(SHAPES))], POSITIONS[rng.integers(len(POSITIONS))]
+        c, s, p = (
+            COLORS[rng.integers(len(COLORS))],
+            SHAPES[rng.integers(len(SHAPES))],
+            POSITIONS[rng.integers(len(POSITIONS))],
+        )
         v = dirs[c] + dirs[s] + dirs[p] + noise * rng.standard_normal(d)
         v = (v / np.linalg.norm(v)).astype(np.float32)
         items.append({"key": f"item{seed}-{i}", "color": c, "shape": s, "position": p,

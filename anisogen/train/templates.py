@@ -251,7 +251,9 @@ class Template:
         if image_start < 0 and n_img:
             raise TemplateError(f"template {self.name!r} dropped the {IMAGE_MARKER} marker")
         if image_start >= 0 and not n_img:
-            raise TemplateError(f"template {self.name!r} cannot encode a text-only conversation (it always places the image)")
+            raise TemplateError(
+                f"template {self.name!r} cannot encode a text-only conversation (it always places the image)"
+            )
         if image_start == 0 and self.image_prefix != "legacy":
             pre = list(self.prefix_ids(tokenizer))
             ids, labels, image_start = pre + ids, [IGNORE_INDEX] * len(pre) + labels, len(pre)
@@ -345,7 +347,9 @@ class HFChatTemplate(Template):
                 delta = full[len(lead):]
                 pos = delta.find(msg["content"])
                 if pos < 0:
-                    raise TemplateError(f"chat template rendering of assistant message {i} does not contain its content")
+                    raise TemplateError(
+                        f"chat template rendering of assistant message {i} does not contain its content"
+                    )
                 if delta[:pos]:
                     segs.append(Segment(text=delta[:pos]))
                 segs.append(Segment(text=msg["content"], target=True))

@@ -101,7 +101,8 @@ class Trainer:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.parallel = distributed.kind(self.acc)
         if self.parallel == "deepspeed" and (cfg.save_every > 0 or cfg.halt_at_step > 0):
-            raise TrainInputError("checkpoints under DeepSpeed are not supported (DeepSpeed's own format is pickle-based); "
+            raise TrainInputError("checkpoints under DeepSpeed are not supported (DeepSpeed's own format is "
+                                  "pickle-based); "
                              "use FSDP (docs/accelerate/fsdp.yaml) for resumable sharded runs, or drop "
                              "--save-every/--halt-at-step")
         if self.acc.is_main_process:
@@ -117,7 +118,8 @@ class Trainer:
         self.exact_plan = None
         if cfg.train_jsonl:
             if cfg.stage1_sampling == "exact":
-                raise TrainInputError("--stage1-sampling exact applies to --train-shards (stage 1); stage-2 JSONL records "
+                raise TrainInputError("--stage1-sampling exact applies to --train-shards (stage 1); stage-2 JSONL "
+                                      "records "
                                  "are always drawn as seeded permutations")
             store = EmbeddingStore(cfg.emb_npy, cfg.emb_shards and list_shards(cfg.emb_shards), cfg.on_error)
             self.train_spec = StreamSpec.from_jsonl(cfg.train_jsonl, store, load_log)
@@ -295,7 +297,9 @@ class Trainer:
         self._fast_forward_schedule(step)
         self.consumed_offset = self._data_position(state, step)
         old_max = state.get("max_steps")
-        extended = f", extended from {old_max} to {self.max_steps} steps" if old_max not in (None, self.max_steps) else ""
+        extended = (
+            f", extended from {old_max} to {self.max_steps} steps" if old_max not in (None, self.max_steps) else ""
+        )
         self._log(f"resumed from {self.resume_from} at step {step}{extended}")
         return step
 
@@ -353,9 +357,11 @@ class Trainer:
             p = self.exact_plan.describe()
             self._log(f"exact-pass sampling: {p['num_shards']} shards, {p['num_samples']} samples, "
                       f"{p['samples_per_epoch']} trained per epoch, {p['dropped_per_epoch']} dropped per epoch "
-                      f"(the last of each epoch's seeded order, so every rank gets {p['batches_per_rank']} full batches)")
+                      f"(the last of each epoch's seeded order, so every rank gets {p['batches_per_rank']} full "
+                      f"batches)")
         self._log(f"{self.train_spec.num_samples} training samples, {self.batches_per_epoch} batches/rank/epoch, "
-                  f"steps {start_step}->{self.max_steps} (warmup {self.warmup}), load-time rejects {self.load_rejects}, "
+                  f"steps {start_step}->{self.max_steps} (warmup {self.warmup}), load-time rejects "
+                  f"{self.load_rejects}, "
                   f"trackers {self.trackers or 'none'}")
         self.summary = {"is_main": self.acc.is_main_process, "start_step": start_step, "max_steps": self.max_steps,
                         "batches_per_epoch": self.batches_per_epoch, "world_size": self.world,
@@ -380,7 +386,11 @@ class Trainer:
             rec = self._train_step(step, stream)
             self._record(step, rec)
             self.final_step = step
-            if self.val_spec is not None and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == self.max_steps):
+            if (
+                self.val_spec is not None
+                and cfg.eval_every > 0
+                and (step % cfg.eval_every == 0 or step == self.max_steps)
+            ):
                 self._evaluate(step)
             if self.on_step is not None:
                 self.on_step(step)

@@ -32,7 +32,8 @@ def validation_loss(model, acc, spec, builder, *, batch_size: int, max_batches: 
 
 
 @torch.no_grad()
-def generations(model, acc, spec, builder, template, tokenizer, *, step: int, n: int, max_new_tokens: int) -> list[dict]:
+def generations(model, acc, spec, builder, template, tokenizer, *, step: int, n: int,
+                max_new_tokens: int) -> list[dict]:
     """Greedy generations for the first ``n`` validation samples (same batch on every rank)."""
     batch = next(iter(eval_batches(spec, builder, batch_size=n, on_error="skip", max_batches=1)), None)
     if batch is None:

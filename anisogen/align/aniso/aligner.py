@@ -125,7 +125,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "stage2_max_samples": 65536, "batch_size": 512},
     # the spec's GPU recommendation (§2.11): 4 x 1024 score net, ~50k steps, lr 1e-4, batch 4096, 2 x 2048 g_eta
     "paper": {"score_hidden": 1024, "score_layers": 4, "stage1_steps": 50_000, "stage1_lr": 1e-4,
-              "stage1_batch_size": 4096, "stage1_patience": 10, "stage1_eval_every": 1000, "stage1_lr_decays": 2, "refiner_hidden": 2048,
+              "stage1_batch_size": 4096, "stage1_patience": 10, "stage1_eval_every": 1000, "stage1_lr_decays": 2,
+              "refiner_hidden": 2048,
               "refiner_layers": 2, "stage2_lr": 1e-4, "stage2_epochs": 2.0, "stage2_min_steps": 500,
               "stage2_max_samples": None, "batch_size": 4096},
 }
@@ -316,7 +317,8 @@ class AnisoAlign(Aligner):
         mixing = haar_orthogonal(frame.rank, self.seed)
         if p["mixing"] == "learned":
             mixing, hist = learn_mixing(image_u, mixing, eps=float(p["eps"]),
-                                        loop=self._loop(ctx, steps=p["mixing_steps"], lr=p["mixing_lr"], seed=self.seed + 3))
+                                        loop=self._loop(ctx, steps=p["mixing_steps"], lr=p["mixing_lr"],
+                                                        seed=self.seed + 3))
             self._add_history(hist, "mixing")
         return mixing
 
@@ -423,7 +425,9 @@ class AnisoAlign(Aligner):
             median_knn = sel.median_knn_distance()
             bases = _refinement_bases(rows, gamma_star, int(p["select_refine_top"]))
             for gamma in bases:
-                states[gamma] = tuple(self._blockwise(part, inits[gamma].state, outputs=3) for part in (sel.text, calib))
+                states[gamma] = tuple(
+                    self._blockwise(part, inits[gamma].state, outputs=3) for part in (sel.text, calib)
+                )
             for lam in p["select_lambda_phi"]:
                 top = self._data_bounds(inits[gamma_star], max(p["select_bound_scale"]), samples, median_knn)
                 refiner = self._train_stage2(ctx, samples.text, inits[gamma_star], float(lam), top,

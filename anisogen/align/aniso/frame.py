@@ -90,7 +90,9 @@ def phase_stability(coords: torch.Tensor, eps: float) -> torch.Tensor:
     return marginal + pairs
 
 
-def learn_mixing(image_coords: np.ndarray, initial: np.ndarray, *, loop: LoopConfig, eps: float) -> tuple[np.ndarray, dict]:
+def learn_mixing(
+    image_coords: np.ndarray, initial: np.ndarray, *, loop: LoopConfig, eps: float
+) -> tuple[np.ndarray, dict]:
     """Maximise :func:`phase_stability` over R = initial @ expm(W - W^T), W (r, r) starting at 0.
 
     Args:

@@ -18,7 +18,8 @@ every block's radial distribution and every V coordinate's spread separately, wh
 neighbourhoods when the two covariance shapes differ. The *global map* keeps the text's geometry and
 only rescales it: c_glob = B^T mu_i + s_U B^T (y - mu_t) and v_glob = P_V mu_i + s_V P_V (y - mu_t). By default
 s_U = s_V = s = sqrt(tr Sigma_i / tr Sigma_t) (``global_scale="common"``), so the global map is exactly
-ReAlign's mu_i + s (y - mu_t); ``"per_side"`` takes ReAlign's trace rule on U and on V separately. The shrunk state is the convex combination in Cartesian coordinates,
+ReAlign's mu_i + s (y - mu_t); ``"per_side"`` takes ReAlign's trace rule on U and on V separately. The shrunk
+state is the convex combination in Cartesian coordinates,
 c^(0) = gamma c_paper + (1 - gamma) c_glob (then (theta^(0), rho^(0)) = polar(c^(0))) and
 v^(0) = gamma v_paper + (1 - gamma) v_glob, i.e. D is replaced by gamma D + (1 - gamma) s_V. gamma = 1 is the
 paper's map, bit for bit (the U side is not even re-polarised); gamma = 0 is the global map. The two sides

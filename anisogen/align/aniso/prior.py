@@ -6,7 +6,8 @@ From the polar coordinates (rho, theta) of the image sample in the mixed frame (
   alpha_k = E[rho_k^2] / (sum_u E[rho_u^2] + eps), circular correlations M_kl = E[e^{i(theta_k - theta_l)}]
   (eq. 3) with A = |M| and eta = arg M, and the sparse graph E: the union over blocks k of the
   ``partners`` (p) blocks l != k with the largest |M_kl|, as undirected pairs (k < l).
-* :func:`potential` Psi(phi) = sum_k alpha_k [1 - cos(phi_k - psi_k)] + sum_{(k,l) in E} A_kl [1 - cos(phi_k - phi_l - eta_kl)]
+* :func:`potential` Psi(phi) = sum_k alpha_k [1 - cos(phi_k - psi_k)]
+  + sum_{(k,l) in E} A_kl [1 - cos(phi_k - phi_l - eta_kl)]
   and its closed-form gradient :func:`potential_grad` (eq. 4), the drift field.
 * :func:`wrapped_gaussian_score`: d/dx log q(x | mu, s^2) of the wrapped Gaussian, summed over
   |n| <= n_terms images (3, raised automatically when s is large) [INF].
@@ -87,8 +88,8 @@ def select_edges(strength: np.ndarray, partners: int) -> np.ndarray:
     for k in range(m):
         row = np.array(strength[k], dtype=np.float64)
         row[k] = -np.inf
-        for l in np.argsort(-row, kind="stable")[:p]:
-            pairs.add((min(k, int(l)), max(k, int(l))))
+        for partner in np.argsort(-row, kind="stable")[:p]:
+            pairs.add((min(k, int(partner)), max(k, int(partner))))
     return np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
 
 
@@ -136,7 +137,8 @@ def potential(phi: torch.Tensor, prior: TorchPrior) -> torch.Tensor:
 
 
 def potential_grad(phi: torch.Tensor, prior: TorchPrior) -> torch.Tensor:
-    """Closed-form drift [grad Psi(phi)]_k = alpha_k sin(phi_k - psi_k) + sum_{l:(k,l) in E} A_kl sin(phi_k - phi_l - eta_kl) (eq. 4).
+    """Closed-form drift (eq. 4):
+    [grad Psi(phi)]_k = alpha_k sin(phi_k - psi_k) + sum_{l:(k,l) in E} A_kl sin(phi_k - phi_l - eta_kl).
 
     Each undirected edge adds +A sin(.) to its first block and -A sin(.) = A sin(phi_l - phi_k - eta_lk) to
     its second (eta_lk = -eta_kl), done with the incidence matrix (deterministic on every device).
@@ -166,7 +168,8 @@ def wrapped_gaussian_logpdf(x: torch.Tensor, mu: torch.Tensor, var, n_terms: int
 
 
 def wrapped_gaussian_score(x: torch.Tensor, mu: torch.Tensor, var, n_terms: int = 3) -> torch.Tensor:
-    """d/dx log q(x | mu, var) = sum_n w_n (-(x - mu + 2 pi n) / var), w_n = softmax_n(-(x - mu + 2 pi n)^2 / (2 var))."""
+    """d/dx log q(x | mu, var) = sum_n w_n (-(x - mu + 2 pi n) / var),
+    w_n = softmax_n(-(x - mu + 2 pi n)^2 / (2 var))."""
     var = torch.as_tensor(var, dtype=x.dtype, device=x.device)
     dn = _offsets(x, mu, var, n_terms)
     v = var.unsqueeze(-1) if var.dim() else var
@@ -312,7 +315,9 @@ def train_score_net(net: ScoreNet, theta: np.ndarray, rho: np.ndarray, prior: Ph
            torch.rand(n_val, 1, generator=gen).to(device), torch.randn(n_val, m, generator=gen).to(device))
     sampler = BatchSampler(theta_t.shape[0], loop.batch_size, loop.seed)
     opt = torch.optim.AdamW(net.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
-    kw = dict(tau=diffusion.tau, sigma_min=diffusion.sigma_min, sigma_max=diffusion.sigma_max, n_terms=diffusion.n_terms)
+    kw = dict(
+        tau=diffusion.tau, sigma_min=diffusion.sigma_min, sigma_max=diffusion.sigma_max, n_terms=diffusion.n_terms
+    )
 
     def step(_):
         idx = sampler.next()

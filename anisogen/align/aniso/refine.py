@@ -168,7 +168,8 @@ class Stage2Objective:
     phase_normalization: str = "paper"
 
 
-def stage2_terms(refiner: Refiner, batch, *, basis, prior_t, edges, score_net: ScoreNet | None, objective: Stage2Objective,
+def stage2_terms(refiner: Refiner, batch, *, basis, prior_t, edges, score_net: ScoreNet | None,
+                 objective: Stage2Objective,
                  bounds: Bounds, diffusion: DiffusionConfig, eps: float, t, noise) -> dict[str, torch.Tensor]:
     """Per-sample loss terms (B,) for a batch (theta0, rho0, v0): keys among L_II, L_Phi, identity, objective."""
     theta0, rho0, v0 = batch

@@ -59,7 +59,9 @@ class SelectionSet:
     neighbours), closer to the density at which the substitutes are used.
     """
 
-    def __init__(self, text: np.ndarray, image: np.ndarray, *, k: int, seed: int, pool: np.ndarray | None = None) -> None:
+    def __init__(
+        self, text: np.ndarray, image: np.ndarray, *, k: int, seed: int, pool: np.ndarray | None = None
+    ) -> None:
         n = min(text.shape[0], image.shape[0])
         if n < k + 2:
             raise ValueError(f"automatic selection needs at least k+2={k + 2} held-out texts and images, got {n}")

@@ -35,7 +35,8 @@ from .layers import block_hidden, decoder_layers, layer_index, num_decoder_layer
 from .optim import no_decay_parameter_names, optimizer_groups
 from .registry import (
     METHODS, PLUGIN_ERRORS, PLUGIN_MODULES, POSTPROCESSORS, Method, MethodContext, MethodSetup, ParamGroup,
-    PostContext, PostProcessor, check_postprocessors, context_method, get_method, get_postprocessor, load_plugins, options_help,
+    PostContext, PostProcessor, check_postprocessors, context_method, get_method, get_postprocessor, load_plugins,
+    options_help,
     parse_options, projector_freeze, projector_groups, register_method, register_postprocessor,
 )
 from .builtin import LORA_OPTIONS, export_peft_adapter, load_peft_adapter  # noqa: E402  (registers the built-ins)
@@ -43,7 +44,8 @@ from .builtin import LORA_OPTIONS, export_peft_adapter, load_peft_adapter  # noq
 __all__ = [
     "BASE_DEFAULTS", "DEFAULT_KEYS", "LORA_OPTIONS", "METHODS", "PLUGIN_ERRORS", "PLUGIN_MODULES", "POSTPROCESSORS",
     "STAGES", "Default", "Method", "MethodContext", "MethodSetup", "ParamGroup", "PostContext", "PostProcessor",
-    "block_hidden", "check_postprocessors", "context_method", "decoder_layers", "export_peft_adapter", "get_method", "get_postprocessor",
+    "block_hidden", "check_postprocessors", "context_method", "decoder_layers", "export_peft_adapter", "get_method",
+    "get_postprocessor",
     "infer_stage", "layer_index", "load_peft_adapter", "load_plugins", "method_default", "no_decay_parameter_names",
     "num_decoder_layers", "optimizer_groups", "options_help", "parse_options", "projector_freeze",
     "projector_groups", "register_method", "register_postprocessor", "replace_block_hidden", "resolve",

@@ -88,7 +88,6 @@ def emb_tensor(exported, embs) -> torch.Tensor:
 
 def export_batches(exported, embs, texts, *, prompt: str | None, for_generation: bool, batch_size: int):
     """Collated batches (``input_ids``, ``attention_mask``, ``labels``, ``emb``) for an ExportedModel."""
-    import numpy as np
 
     from ..data import Collator
     from ..templates import caption_conversation
@@ -105,7 +104,8 @@ def export_batches(exported, embs, texts, *, prompt: str | None, for_generation:
             enc = exported.template.encode(conv[:1] if for_generation else conv, exported.tokenizer,
                                            image_token_id=m.image_token_id, num_image_tokens=m.num_visual_tokens,
                                            for_generation=for_generation,
-                                           **({} if for_generation else {"max_length": exported.config.get("max_length")}))
+                                           **({} if for_generation
+                                              else {"max_length": exported.config.get("max_length")}))
             exs.append({"key": "", "input_ids": enc.input_ids, "labels": enc.labels, "truncated": False,
                         "reference": t})
         b = collate(exs)

@@ -80,7 +80,9 @@ def optimizer_groups(model: nn.Module, setup, method, cfg, *, stage: str) -> tup
     described: list[dict] = []
     for g in setup.groups:
         if g.role not in ROLE_LR:
-            raise ValueError(f"method {mname!r}: group {g.name!r} has role {g.role!r}; expected one of {sorted(ROLE_LR)}")
+            raise ValueError(
+                f"method {mname!r}: group {g.name!r} has role {g.role!r}; expected one of {sorted(ROLE_LR)}"
+            )
         params = [p for p in g.params if p.requires_grad]
         for p in params:
             if id(p) in seen:

@@ -229,7 +229,9 @@ def parse_options(method: Method, items: list[str] | dict | None) -> dict:
     pairs = items.items() if isinstance(items, dict) else [_split_kv(s) for s in items]
     for key, raw in pairs:
         if key not in method.options:
-            raise ValueError(f"method {method.name!r} has no option {key!r}; options: {sorted(method.options) or 'none'}")
+            raise ValueError(
+                f"method {method.name!r} has no option {key!r}; options: {sorted(method.options) or 'none'}"
+            )
         default = method.options[key][0]
         opts[key] = _coerce(raw, default, key)
     return opts

@@ -24,7 +24,9 @@ def numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
     return int((s > tol).sum())
 
 
-def choose_k(s: torch.Tensor, rank: int, *, mode: str, k_ratio: float = 0.25, energy: float = 0.8, min_k: int = 1) -> int:
+def choose_k(
+    s: torch.Tensor, rank: int, *, mode: str, k_ratio: float = 0.25, energy: float = 0.8, min_k: int = 1
+) -> int:
     """Number of kept components for singular values ``s`` (descending, float64).
 
     ``ratio``: ``floor(rank * k_ratio)``; ``energy``: smallest k whose cumulative ``s^2`` fraction

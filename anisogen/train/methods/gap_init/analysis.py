@@ -22,7 +22,8 @@ from .selection import select_layers
 
 
 @torch.no_grad()
-def init_alignment(peft_model: nn.Module, gaps: Mapping[int, torch.Tensor], adapter: str = "default") -> dict[str, float]:
+def init_alignment(peft_model: nn.Module, gaps: Mapping[int, torch.Tensor],
+                   adapter: str = "default") -> dict[str, float]:
     """cos(B[:, 0], g_l) for every LoRA module whose output dim matches the gap (others skipped).
 
     A zero B column (PEFT's default init) gives NaN (no direction yet)."""
@@ -127,7 +128,8 @@ def gradient_trace(
             loss = loss_fn(batch)
             loss.backward()
             vals = probe.collect()
-            gA = [float(mods[n].lora_A[adapter].weight.grad.norm()) if mods[n].lora_A[adapter].weight.grad is not None else 0.0
+            gA = [float(mods[n].lora_A[adapter].weight.grad.norm())
+                  if mods[n].lora_A[adapter].weight.grad is not None else 0.0
                   for n in mods]
             cos_vals = [c for n, c in cos.items() if n in mods and not math.isnan(c)]
             trace.append({
@@ -143,10 +145,6 @@ def gradient_trace(
     finally:
         probe.remove()
     return trace
-
-
-def mean(xs: Sequence[float]) -> float:
-    return float(sum(xs) / len(xs)) if xs else float("nan")
 
 
 

@@ -185,7 +185,8 @@ def collect_gap_stats(
         raise ValueError(f"calibration mode must be 'separate' or 'joint', got {mode!r}")
     pre = [int(x) for x in prefix_ids]
     if mode == "separate" and not pre:
-        raise ValueError("separate-mode calibration needs prefix_ids (e.g. BOS or the template's tokens before <image>); "
+        raise ValueError("separate-mode calibration needs prefix_ids (e.g. BOS or the template's tokens before "
+                         "<image>); "
                          "without them the means would be taken at position 0, the attention-sink state")
     was_training = lm.training
     lm.eval()
@@ -236,12 +237,16 @@ def collect_gap_stats(
                 t_mask[:, : len(pre)] = False
                 table = lm.get_input_embeddings()
                 t_inp = table(t_ids.to(device))
-                texts.append(masked_layer_means(lm, t_inp, t_am.to(device), {"text": t_mask}, layers, point=point)["text"])
+                texts.append(
+                    masked_layer_means(lm, t_inp, t_am.to(device), {"text": t_mask}, layers, point=point)["text"]
+                )
                 v_rows = [pre + [int(image_token_id)] * int(num_visual_tokens) for _ in range(ids.shape[0])]
                 v_ids, v_am = _pad_rows(v_rows, pad_id)
                 v_mask = v_ids == image_token_id
                 v_inp = embed_fn(v_ids.to(device), emb.to(device))
-                visuals.append(masked_layer_means(lm, v_inp, v_am.to(device), {"visual": v_mask}, layers, point=point)["visual"])
+                visuals.append(
+                    masked_layer_means(lm, v_inp, v_am.to(device), {"visual": v_mask}, layers, point=point)["visual"]
+                )
             seen += ids.shape[0]
     finally:
         lm.train(was_training)

@@ -108,7 +108,9 @@ def apply_gap_init(
     from peft.tuners.lora import LoraLayer
 
     if mismatch not in ("peft_init", "raise"):
-        raise ValueError(f"mismatch must be 'peft_init' or 'raise' (use make_lora_config(exclude=...) to exclude), got {mismatch!r}")
+        raise ValueError(
+            f"mismatch must be 'peft_init' or 'raise' (use make_lora_config(exclude=...) to exclude), got {mismatch!r}"
+        )
     if not directions:
         raise ValueError("apply_gap_init: no gap directions given")
     if hidden_size is None:
@@ -168,5 +170,7 @@ def lora_modules(peft_model: nn.Module, adapter: str = "default") -> dict[str, n
     """name -> PEFT LoraLayer holding ``adapter``."""
     from peft.tuners.lora import LoraLayer
 
-    return {n: m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer) and adapter in getattr(m, "lora_A", {})}
+    return {
+        n: m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer) and adapter in getattr(m, "lora_A", {})
+    }
 

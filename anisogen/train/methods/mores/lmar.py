@@ -95,14 +95,19 @@ def modality_attention(
     if pad_token_id is not None:
         gen_kw["pad_token_id"] = pad_token_id
     with eager_attention(lm):
-        out = lm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(), max_new_tokens=max_new_tokens,
+        out = lm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(),
+                          max_new_tokens=max_new_tokens,
                           do_sample=False, output_attentions=True, return_dict_in_generate=True, **gen_kw)
     steps = len(out.attentions)
     if steps == 0:
         raise RuntimeError("generation produced no step")
     n_layers = len(out.attentions[0])
     seqs = out.sequences[:, -steps:].cpu()
-    eos = eos_token_id if eos_token_id is not None else getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    eos = (
+        eos_token_id
+        if eos_token_id is not None
+        else getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    )
     eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
     valid = torch.ones(B, steps, dtype=torch.bool)
     for b in range(B):
@@ -117,7 +122,11 @@ def modality_attention(
     n_txt = torch.zeros(B, dtype=torch.float64)
     for s in range(steps):
         # keys at step s: T prompt positions, then the s tokens generated before this query
-        gen = torch.ones(B, s, dtype=torch.float64) if text_keys == "prompt+generated" else torch.zeros(B, s, dtype=torch.float64)
+        gen = (
+            torch.ones(B, s, dtype=torch.float64)
+            if text_keys == "prompt+generated"
+            else torch.zeros(B, s, dtype=torch.float64)
+        )
         tw = torch.cat([txt_c, gen], dim=1)
         vw = torch.cat([vis_c, torch.zeros(B, s, dtype=torch.float64)], dim=1)
         has_txt = tw.sum(1) > 0
@@ -147,7 +156,8 @@ def write_lmar_report(results: Mapping[str, Mapping], out_dir: str | Path) -> di
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "lmar.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    plot_lines({k: v["lmar"] for k, v in results.items()}, out_dir / "lmar.png", title="Layer-wise modality attention ratio",
+    plot_lines({k: v["lmar"] for k, v in results.items()}, out_dir / "lmar.png",
+               title="Layer-wise modality attention ratio",
                xlabel="layer", ylabel="LMAR (visual / text attention)")
     return {"json": str(out_dir / "lmar.json"), "png": str(out_dir / "lmar.png")}
 
@@ -168,7 +178,8 @@ def lmar_for_export(exported, embs, texts=None, *, prompt: str | None = None, ma
         inputs = m.embed(ids, b["emb"].to(dev))
         r = modality_attention(m.lm, inputs, am, m.visual_mask(ids), max_new_tokens=max_new_tokens, reduce=reduce,
                                text_keys=text_keys,
-                               eos_token_id=exported.tokenizer.eos_token_id, pad_token_id=exported.tokenizer.pad_token_id)
+                               eos_token_id=exported.tokenizer.eos_token_id,
+                               pad_token_id=exported.tokenizer.pad_token_id)
         ratios.append(r["ratio"])
         imgs.append(r["image"])
         txts.append(r["text"])

@@ -60,7 +60,9 @@ MORES_OPTIONS = {
 
 def _build_from_options(elm, o: dict) -> MoReS:
     L = len(decoder_layers(elm.lm))
-    layers = None if str(o["layers"]).strip() in ("all", "") else [int(x) for x in str(o["layers"]).split(",") if x.strip()]
+    layers = (
+        None if str(o["layers"]).strip() in ("all", "") else [int(x) for x in str(o["layers"]).split(",") if x.strip()]
+    )
     return MoReS(elm.hidden_size, L, rank=int(o["rank"]), dropout=float(o["dropout"]), dropout_on=o["dropout_on"],
                  init_identity=bool(o["init_identity"]), trivialization=bool(o["trivialization"]), layers=layers,
                  positions=o["positions"])
@@ -79,7 +81,8 @@ def _prepare_mores(ctx):
     if counts["mores"] != counts["mores_formula"]:
         raise AssertionError(f"MoReS parameter count {counts['mores']} != L*r(2D+1) = {counts['mores_formula']}")
     ctx.log(f"mores: {counts['mores']} trainable steering parameters (L*r(2D+1)); LoRA on the same LM: "
-            f"{counts['lora']} (r={counts['lora_r']}, {','.join(counts['lora_targets'])}), {counts['lora_rank1']} at r=1")
+            f"{counts['lora']} (r={counts['lora_r']}, {','.join(counts['lora_targets'])}), {counts['lora_rank1']} at "
+            f"r=1")
     rot, lin = mores.param_groups()
     groups = projector_groups(ctx, "mores") + [
         ParamGroup("steering_rotation", rot, role="adapter", weight_decay=0.0),
@@ -100,4 +103,5 @@ def _load_mores(model, export_dir: Path, config: dict) -> None:
 def register() -> None:
     register_method("mores", _prepare_mores, export=_export_mores, load=_load_mores, options=MORES_OPTIONS,
                     defaults=MORES_DEFAULTS,
-                    description="MoReS/LoReFT steering h + R^T(Wh + b - Rh) at visual positions of every layer; LM frozen")
+                    description="MoReS/LoReFT steering h + R^T(Wh + b - Rh) at visual positions of every layer; LM "
+                                "frozen")
