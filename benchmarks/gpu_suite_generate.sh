@@ -30,12 +30,8 @@ RUN_TIMEOUT=${RUN_TIMEOUT:-170}
 SUITE_BUDGET=${SUITE_BUDGET:-330}
 MODELS=${MODELS:-"ViT-B-32:1000000 ViT-L-14:250000"}
 WORKERS=${WORKERS:-8}
-mkdir -p "$OUT"
-exec > >(tee "$OUT/gpu_suite_generate.log") 2>&1
-SUITE_START=$(date +%s)
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-
 source benchmarks/gpu_suite_lib.sh
+suite_start gpu_suite_generate
 PY=$(pick_python)
 echo "[suite] python: $PY"
 ALLOW_CPU=0 require_cuda "python benchmarks/bench_generate_ceiling.py (the CPU-side ceiling)"

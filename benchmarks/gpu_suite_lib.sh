@@ -5,7 +5,15 @@
 #   require_cuda "hint for CPU users"        # exit 2 unless torch sees a CUDA device (ALLOW_CPU=1 skips)
 #   install_missing_wheels MOD...            # pip-install .whl/<MOD>-*.whl for modules not importable
 #   require_modules MOD...                   # exit 2 naming the modules still missing
-# Needs REPO (the repository root, also the working directory).
+#   suite_start NAME                         # log everything to $OUT/NAME.log, start the clock, offline env
+# Needs REPO (the repository root, also the working directory) and OUT.
+
+suite_start() {
+    mkdir -p "$OUT"
+    exec > >(tee "$OUT/$1.log") 2>&1
+    SUITE_START=$(date +%s)
+    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+}
 
 HAS_CUDA='import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
 

@@ -35,14 +35,12 @@ STEPS=${STEPS:-30}
 BATCH=${BATCH:-32}
 MODELS=${MODELS:-"smollm2 1b"}
 LAUNCHERS=${LAUNCHERS:-"ddp fsdp"}
-mkdir -p "$OUT" "$WORK/rows"
+mkdir -p "$WORK/rows"
 rm -f "$WORK"/rows/*.json
-exec > >(tee "$OUT/gpu_suite_train.log") 2>&1
-SUITE_START=$(date +%s)
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+source benchmarks/gpu_suite_lib.sh
+suite_start gpu_suite_train
 
 # ---------------------------------------------------------------- interpreter and packages
-source benchmarks/gpu_suite_lib.sh
 PY=$(pick_python)
 echo "[suite] python: $PY"
 require_cuda "python benchmarks/train_throughput.py --models tiny --num-processes 1 --steps 3"
