@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from anisogen.audit.defaults import (
+    DEVICES, KINDS, METRIC_NAMES, N_PAIRS, N_PERMUTATIONS, RECALL_SAMPLE, RECALL_TARGET,
+)
 from anisogen.cli import add_deprecated_alias
-from anisogen.audit import AuditConfig, AuditInputError, GateError, METRIC_NAMES, run_audit
-from anisogen.audit.html import PAIRED_COLUMNS, TABLE_COLUMNS
-from anisogen.audit.index import DEVICES, KINDS, RECALL_SAMPLE, RECALL_TARGET
-from anisogen.audit.metrics import N_PAIRS, N_PERMUTATIONS
-from anisogen.report import markdown_table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,6 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from anisogen.audit import AuditConfig, AuditInputError, GateError, run_audit
+    from anisogen.audit.html import PAIRED_COLUMNS, TABLE_COLUMNS
+    from anisogen.report import markdown_table
+
     if args.threads:
         import faiss
         import torch

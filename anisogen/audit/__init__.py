@@ -6,16 +6,21 @@ Modules: :mod:`.loading` (shard folders, image / paired embeddings, fingerprint 
 :mod:`.gates` (``--fail-if`` rules) and :mod:`.runner` (:func:`run_audit`, used by ``pipelines/audit.py``).
 """
 
-from .gates import Gate, GateError, evaluate_gates, parse_gate
-from .index import KnnResult, TorchFlatIP, knn_graph
-from .loading import (
-    AuditInputError, EmbeddingSet, load_images, load_paired, load_shard_folder, write_embeddings_npy,
-)
-from .metrics import cosine_js, paired_metrics, semantic_metrics, unpaired_metrics
-from .runner import METRIC_NAMES, AuditConfig, run_audit
+from importlib import import_module
 
-__all__ = [
-    "AuditConfig", "run_audit", "METRIC_NAMES", "AuditInputError", "EmbeddingSet", "load_images", "load_paired",
-    "load_shard_folder", "write_embeddings_npy", "knn_graph", "KnnResult", "TorchFlatIP", "unpaired_metrics",
-    "semantic_metrics", "paired_metrics", "cosine_js", "Gate", "GateError", "parse_gate", "evaluate_gates",
-]
+_EXPORTS = {
+    "AuditConfig": ".runner", "run_audit": ".runner", "METRIC_NAMES": ".defaults",
+    "AuditInputError": ".loading", "EmbeddingSet": ".loading", "load_images": ".loading", "load_paired": ".loading",
+    "load_shard_folder": ".loading", "write_embeddings_npy": ".loading",
+    "knn_graph": ".index", "KnnResult": ".index", "TorchFlatIP": ".index",
+    "unpaired_metrics": ".metrics", "semantic_metrics": ".metrics", "paired_metrics": ".metrics",
+    "cosine_js": ".metrics",
+    "Gate": ".gates", "GateError": ".gates", "parse_gate": ".gates", "evaluate_gates": ".gates",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):  # names load on first use: ``audit.py --help`` does not import torch or FAISS
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

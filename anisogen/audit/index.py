@@ -30,21 +30,15 @@ import numpy as np
 import torch
 
 from ..geometry import drop_self, knn_search
+from .defaults import DEVICES, KINDS, RECALL_SAMPLE, RECALL_TARGET  # noqa: F401  (re-exported)
 
 #: ``auto`` switches to IVF above this many query x base similarities (CPU only): 50k x 50k.
 FLAT_MAX_PAIRS = 50_000 * 50_000
-#: Default recall@k the IVF ``nprobe`` calibration must reach on the query sample.
-RECALL_TARGET = 0.95
-#: Default number of sampled queries for measuring recall against exact search.
-RECALL_SAMPLE = 1000
-
 #: k-means training: points per inverted list (FAISS wants >= 39) and iterations. Measured on 60k x 512
 #: synthetic rows: 40/10 builds 2.7x faster than 64/20 at the same recall for a given nprobe.
 IVF_TRAIN_PER_LIST = 40
 IVF_TRAIN_ITERS = 10
 
-KINDS = ("auto", "flat", "ivf")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -36,13 +36,10 @@ from ..geometry import (
 )
 from ..geometry.method import random_pairs, sample_rows
 from ..stats import Moments
+from .defaults import N_PAIRS, N_PERMUTATIONS
 
-#: Random pairs for Psi and the pairwise-cosine distributions (the paper's P is unspecified; 1e5).
-N_PAIRS = 100_000
 #: Grid bins over [-1, 1] for the pairwise-cosine densities.
 JS_BINS = 2000
-#: Label permutations estimating the expected kNN-mixing entropy.
-N_PERMUTATIONS = 5
 
 
 # --------------------------------------------------------------------------------- basic pieces

@@ -40,15 +40,7 @@ from .metrics import (
     pairwise_cosines, semantic_metrics, semantic_query_rows, split_scalars, unit_rows, unpaired_metrics,
 )
 
-#: Scalar metric names a gate may use (per folder).
-UNPAIRED_METRICS = ["delta_mu", "G_Sigma", "C_lambda", "O_q", "O_q_random", "JS_cos", "cos_mean", "cos_mean_image",
-                    "M_k_Z", "M_k_X", "M_k_Z_raw", "M_k_X_raw", "M_k_expected_Z", "M_k_expected_X",
-                    "nn_is_image_frac_Z", "nn_is_image_chance", "norm_mean", "norm_std", "norm_min", "norm_max",
-                    "norm_max_dev", "n_image", "n_substitute"]
-SEMANTIC_METRICS = ["Phi", "Psi", "Omega_k"]
-PAIRED_METRICS = ["paired_" + m for m in ["Phi", "Psi", "Omega_k", "delta_mu", "M_k_Z", "M_k_X", "A_r_T",
-                                          "A_r_T_centered", "nn_is_image_frac_Z", "n"]]
-METRIC_NAMES = UNPAIRED_METRICS + SEMANTIC_METRICS + PAIRED_METRICS
+from .defaults import METRIC_NAMES, PAIRED_METRICS, SEMANTIC_METRICS, UNPAIRED_METRICS  # noqa: E402,F401
 #: Rows per set drawn into the PCA figure.
 PCA_ROWS = 1500
 
