@@ -75,3 +75,13 @@ def add_deprecated_alias(group, old: str, new: str, *, dest: str, nargs=None, ty
 
     kwargs = {"nargs": 0} if const is not None else {"nargs": nargs, "type": type}
     group.add_argument(old, dest=f"_deprecated_{dest}", action=_Deprecated, help=argparse.SUPPRESS, **kwargs)
+
+
+def resolve_device(value: str | None) -> str:
+    """A ``--device`` value as a torch device string: ``auto`` (or ``None``) is ``cuda`` when torch sees a GPU,
+    else ``cpu``; anything else is returned as given."""
+    if value in (None, "", "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return value

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="embed at most N images")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding and preprocessing images")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda[:N]")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="storage dtype of img_emb.npy")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -49,7 +49,9 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from anisogen.cli import resolve_device
+
+    device = resolve_device(args.device)
     model, preprocess, _ = load_clip(args.model, args.pretrained, device=device)
     fp = model.anisogen_fingerprint
     t0 = time.perf_counter()

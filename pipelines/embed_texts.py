@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag, local checkpoint path, or 'random'")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=256, help="texts per forward pass")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -50,7 +50,9 @@ def main(argv=None) -> int:
     except CorpusError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from anisogen.cli import resolve_device
+
+    device = resolve_device(args.device)
     model, _, tokenizer = load_clip(args.model, args.pretrained, device=device)
     encoder = TextEncoder(model, tokenizer, device=device, batch_size=args.batch_size)
     t0 = time.perf_counter()

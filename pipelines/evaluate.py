@@ -88,7 +88,7 @@ def main(argv=None) -> int:
                    help="custom attribute vocabulary (repeatable), e.g. --vocab color=red,green")
     p.add_argument("--batch-size", type=int, default=16, help="batch size for loss and generation")
     p.add_argument("--max-new-tokens", type=int, default=48, help="maximum generated tokens per caption")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda[:N]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output folder for report.json and captions.jsonl")
     a = p.parse_args(argv)
@@ -116,7 +116,9 @@ def main(argv=None) -> int:
 
     from anisogen.train.export import load_export
 
-    export = load_export(a.export, device=a.device)
+    from anisogen.cli import resolve_device
+
+    export = load_export(a.export, device=resolve_device(a.device))
     rep = evaluate_export(export, emb, caps, prompt=a.prompt, batch_size=a.batch_size, progress=not a.no_progress,
                           max_new_tokens=a.max_new_tokens, vocabularies=vocab or None)
     out = Path(a.out)

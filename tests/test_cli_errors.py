@@ -80,3 +80,17 @@ def test_deprecated_aliases_still_work_with_one_warning(capsys):
     err = capsys.readouterr().err
     assert err.count("is deprecated") == 3 and "--worker-index is deprecated, use --job-index" in err
     assert "--worker-index" not in p.format_help() and "--job-index" in p.format_help()
+
+
+def test_device_auto_is_the_default(monkeypatch):
+    import torch
+
+    from anisogen.cli import resolve_device
+    from anisogen.generate.cli import build_parser, config_from_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == "cpu" and resolve_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+    args = build_parser().parse_args(["--corpus", "c.jsonl", "--out", "o", "--aligner-dir", "a"])
+    assert args.device == "auto" and config_from_args(args).device is None  # the accelerate process's device

@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pad-multiple", type=int, default=None,
                    help="round trimmed batch lengths up to a multiple (default 8 on GPU, 1 on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the text tower forward")
-    g.add_argument("--device", default=None, help="force a device (cpu, cuda); default: the accelerate process device")
+    g.add_argument("--device", default="auto",
+                   help="auto (the accelerate process's device: its GPU when there is one, else cpu), "
+                        "or force cpu / cuda")
 
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=1,
@@ -148,7 +150,8 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
         aligner_dir=args.aligner_dir, images=args.images, fit_samples=args.fit_samples, fit_images=args.fit_images,
         seed=args.seed, samples_per_shard=args.samples_per_shard, dtype=args.dtype, keep_source=args.keep_source,
         batch_size=args.batch_size, bucket_window=args.bucket_window, precision=args.precision,
-        pad_multiple=args.pad_multiple, device=args.device, compile=args.compile, workers=args.workers,
+        pad_multiple=args.pad_multiple,
+        device=None if args.device == "auto" else args.device, compile=args.compile, workers=args.workers,
         threads=args.threads, executor=args.executor, ray_address=args.ray_address, ray_retries=args.ray_retries,
         ray_gpus_per_task=args.ray_gpus_per_task, worker_index=args.worker_index, num_workers=args.num_workers,
         overwrite=args.overwrite, verify=args.verify, fit_only=args.fit_only, cache_dir=args.cache_dir,
