@@ -197,18 +197,21 @@ def check_resume(cfg: GenerateConfig, out: Path, resolved: dict) -> str:
             f"{out} holds a run with a different config (fingerprint {str(old.get('config_fingerprint'))[:12]} vs "
             f"{fp[:12]}); changed: " + "; ".join(diff[:8]) + ". Use the original flags to resume, a new --out, "
             "or --overwrite to discard the previous outputs.")
-    stray = list(out.glob(SHARD_GLOB)) + list((out / RECORDS_DIRNAME).glob("*.json"))
+    stray = _published_outputs(out)
     if stray and not cfg.overwrite:
         raise ConfigMismatch(f"{out} holds shard files but no {MANIFEST_NAME}; refusing to mix outputs "
                              "(use --overwrite or a new --out)")
     return "overwrite" if stray else "fresh"
 
 
+def _published_outputs(out: Path) -> list[Path]:
+    """The shard tars and completion records in ``out``."""
+    return list(out.glob(SHARD_GLOB)) + list((out / RECORDS_DIRNAME).glob("*.json"))
+
+
 def _wrote_anything(out: Path) -> bool:
     """Whether ``out`` holds any shard, completion record or temp tar (work a config change would discard)."""
-    return bool(
-        list(out.glob(SHARD_GLOB)) or list((out / RECORDS_DIRNAME).glob("*.json")) or list(out.glob("*.tar.*.tmp"))
-    )
+    return bool(_published_outputs(out) or list(out.glob("*.tar.*.tmp")))
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
