@@ -11,6 +11,9 @@ User errors are :class:`UserError` (and its subclasses across the package: ``Cor
 
     if __name__ == "__main__":
         sys.exit(run_cli(main))
+
+and the installed console scripts (``anisogen-<name>``, ``[project.scripts]`` in pyproject.toml) call
+``anisogen.commands.<name>:entry``, made by :func:`console_script`, which does the same.
 """
 
 from __future__ import annotations
@@ -55,6 +58,17 @@ def run_cli(main: Callable[..., int | None], argv: Sequence[str] | None = None) 
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     return int(rc or 0)
+
+
+def console_script(main: Callable[..., int | None]) -> Callable[[], None]:
+    """The ``[project.scripts]`` target for ``main``: a no-argument callable that runs ``sys.exit(run_cli(main))``,
+    so ``anisogen-<name>`` and ``python pipelines/<name>.py`` exit and report errors the same way."""
+
+    def entry() -> None:
+        sys.exit(run_cli(main))
+
+    entry.__doc__ = f"Console-script entry point: ``sys.exit(run_cli({main.__module__}.main))``."
+    return entry
 
 
 def add_deprecated_alias(group, old: str, new: str, *, dest: str, nargs=None, type=None, const=None) -> None:

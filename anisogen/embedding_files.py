@@ -313,6 +313,25 @@ class EmbeddingFiles:
             return np.zeros((0, self.dim), dtype=dtype)
         return np.concatenate(parts).astype(dtype, copy=False)
 
+    def iter_range(self, lo: int, hi: int, *, chunk_size: int | None = None, dtype=np.float32
+                   ) -> Iterator[tuple[Path, int, int, np.ndarray]]:
+        """Yield ``(file, first row in the file, first global row, rows)`` for global rows ``[lo, hi)`` in
+        chunks that never cross a file, reading only those rows; rows are NaN/Inf-checked (errors name the
+        file and row)."""
+        size = int(chunk_size or self.chunk_size)
+        starts = self.starts
+        for index, file in enumerate(self.files):
+            f_lo, f_hi = max(lo, int(starts[index])), min(hi, int(starts[index + 1]))
+            if f_lo >= f_hi:
+                continue
+            arr = open_npy(file)
+            base = int(starts[index])
+            for start in range(f_lo - base, f_hi - base, size):
+                stop = min(start + size, f_hi - base)
+                chunk = self._check(_as_float(arr[start:stop]), file, start, dtype=dtype, normalize=False,
+                                    unit_norm=False, atol=np.inf)
+                yield file, start, base + start, chunk
+
     def head(self, n: int, *, dtype=np.float64) -> np.ndarray:
         """The first ``n`` rows (checked for NaN/Inf)."""
         return self.load(limit=n, dtype=dtype)

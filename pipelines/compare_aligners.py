@@ -1,105 +1,14 @@
 #!/usr/bin/env python
 """Compare aligners on one dataset: fit each on unpaired text/image, score on held-out pairs.
 
-Data comes from ``.npy`` files (``--fit-text``, ``--fit-image``, ``--heldout-text``, ``--heldout-image``)
-or, with ``--synthetic``, from :func:`anisogen.synthetic.make_paired_embeddings` (planted gap).
-Prints the §3 gap diagnostics of the held-out pairs and the §5 method table.
+Thin entry point: ``python pipelines/compare_aligners.py ARGS`` is ``anisogen-compare-aligners ARGS``.
+The usage, flags and behaviour are in :mod:`anisogen.commands.compare_aligners` (``--help`` prints them).
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
 
-import numpy as np
-
-from anisogen.cli import UserError  # noqa: E402
-from anisogen.align import ALIGNERS
-from anisogen.align.compare import METHOD_COLUMNS, compare_aligners
-from anisogen.embedding_files import EmbeddingFileError, open_embeddings
-from anisogen.geometry import gap_report
-from anisogen.report import markdown_table
-from anisogen.synthetic import make_paired_embeddings
-
-GAP_COLUMNS = ["C_lambda", "O_q", "G_mu", "G_Sigma", "D_center", "R_res", "A_r", "d_eff_ratio"]
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("data")
-    src.add_argument("--synthetic", action="store_true", help="use synthetic planted-gap embeddings")
-    src.add_argument("--n", type=int, default=8000, help="synthetic: number of items (default 8000)")
-    src.add_argument("--dim", type=int, default=64, help="synthetic: embedding dimension (default 64)")
-    src.add_argument("--gap", type=float, default=0.4, help="synthetic: planted centroid gap (default 0.4)")
-    src.add_argument("--residual-rank", type=int, default=0,
-                     help="synthetic: rank of an image-only residual no text->image map can remove (default 0)")
-    src.add_argument("--gain", type=float, default=1.5,
-                     help="synthetic: anisotropic gain on the images' top content directions (default 1.5)")
-    src.add_argument("--gain-rank", type=int, default=2,
-                     help="synthetic: number of content directions carrying --gain (default 2; 0 = none)")
-    src.add_argument("--fit-text", help=".npy (N, d) unpaired texts to fit on")
-    src.add_argument("--fit-image", help=".npy (N, d) unpaired images to fit on")
-    src.add_argument("--heldout-text", help=".npy (M, d) held-out texts, row-paired with --heldout-image")
-    src.add_argument("--heldout-image", help=".npy (M, d) held-out images")
-    p.add_argument("--aligners", nargs="+", default=None,
-                   help=f"aligners to compare (default: all registered: {', '.join(ALIGNERS)})")
-    p.add_argument("--params", default="{}",
-                   help='JSON dict of per-aligner params, e.g. \'{"c3": {"calibrate_phi": 0.9}}\'; a key '
-                        '"anisoalign*" applies to every AnisoAlign variant')
-    p.add_argument("--seed", type=int, default=0, help="seed for fitting and metrics (default 0)")
-    p.add_argument("--k", type=int, default=20, help="neighbourhood size for Omega_k and M_k (default 20)")
-    p.add_argument("--json", help="also write all rows as JSON to this path")
-    return p.parse_args(argv)
-
-
-def load_data(args):
-    if args.synthetic:
-        pairs = make_paired_embeddings(args.n, args.dim, gap=args.gap, residual_rank=args.residual_rank,
-                                       gain=args.gain, gain_rank=args.gain_rank, seed=args.seed)
-        fit_text, fit_image, held = pairs.split(args.n // 2, seed=args.seed)
-        return fit_text, fit_image, held.image, held.text
-    paths = [args.fit_text, args.fit_image, args.heldout_text, args.heldout_image]
-    if not all(paths):
-        raise UserError("give --synthetic or all of --fit-text --fit-image --heldout-text --heldout-image")
-    try:  # files, folders or globs of .npy, checked (2-D, same d, finite) by anisogen.embedding_files
-        fit_text, fit_image, held_text, held_image = [open_embeddings(p).load(dtype=np.float64) for p in paths]
-    except EmbeddingFileError as exc:
-        raise UserError(f"{exc}")
-    return fit_text, fit_image, held_image, held_text
-
-
-def expand_params(params: dict) -> dict:
-    """Expand a trailing-``*`` key (e.g. ``"anisoalign*"``) to every registered aligner it matches."""
-    out = {}
-    for key, value in params.items():
-        names = [n for n in ALIGNERS if n.startswith(key[:-1])] if key.endswith("*") else [key]
-        for name in names:
-            out[name] = {**out.get(name, {}), **value}
-    return out
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    fit_text, fit_image, held_image, held_text = load_data(args)
-    print(f"fit: {len(fit_text)} texts, {len(fit_image)} images (unpaired); held-out pairs: {len(held_text)}; "
-          f"d = {held_text.shape[1]}\n")
-    gap = gap_report(image=held_image, text=held_text)
-    print("Modality gap of the held-out pairs (AnisoAlign §3):")
-    print(markdown_table([{"name": "held-out", **gap}], GAP_COLUMNS, first="name"), "\n")
-    rows = compare_aligners(fit_text=fit_text, fit_image=fit_image, heldout_image=held_image,
-                            heldout_text=held_text, names=args.aligners, params=expand_params(json.loads(args.params)),
-                            seed=args.seed, k=args.k)
-    print(f"Aligners on held-out pairs (AnisoAlign §5, k = {args.k}):")
-    print(markdown_table(rows, [*METHOD_COLUMNS, "fit_seconds"], first="name"))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"gap": {k: v for k, v in gap.items() if np.isscalar(v)}, "aligners": rows}, fh, indent=2)
-        print(f"\nwrote {args.json}")
-    return 0
-
+from anisogen.cli import run_cli
+from anisogen.commands.compare_aligners import main
 
 if __name__ == "__main__":
-    from anisogen.cli import run_cli
-
     sys.exit(run_cli(main))

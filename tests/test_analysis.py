@@ -193,14 +193,9 @@ def test_gradient_trace_grad_A_matches_direction_gradient_without_dropout():
 
 
 def _cli():
-    import importlib.util
-    from pathlib import Path
+    from anisogen.commands import analyze
 
-    path = Path(__file__).resolve().parents[1] / "pipelines" / "analyze.py"
-    spec = importlib.util.spec_from_file_location("analyze_cli", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return analyze
 
 
 def test_analyze_cli_on_trained_exports(tmp_path):
@@ -306,3 +301,26 @@ def test_smollm2_each_method_lowers_instruction_loss(tmp_path, method, opts, lrs
     assert exp.generate(np.load(d / "emb.npy")[:1], prompt="What color is the background?", max_new_tokens=4)
     if method == "projector":
         assert (tmp_path / method / "export_app-energy-0.8" / "app_report.json").is_file()
+
+
+def test_load_pairs_reads_npy_through_embedding_files(tmp_path):
+    """``--embeddings`` goes through anisogen.embedding_files: first rows only, float32, errors name the file."""
+    from anisogen.embedding_files import EmbeddingFileError
+    from anisogen.train.methods.analysis_common import load_pairs
+
+    x = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float16)
+    np.save(tmp_path / "e.npy", x)
+    (tmp_path / "t.txt").write_text("\n".join(f"t{i}" for i in range(10)), encoding="utf-8")
+    embs, texts = load_pairs(embeddings=str(tmp_path / "e.npy"), texts=str(tmp_path / "t.txt"), limit=3)
+    assert texts == ["t0", "t1", "t2"] and all(e.dtype == np.float32 and e.shape == (4,) for e in embs)
+    np.testing.assert_array_equal(np.stack(embs), x[:3].astype(np.float32))
+    with pytest.raises(ValueError, match=r"t9\.txt: 9 lines for 10 embeddings"):
+        (tmp_path / "t9.txt").write_text("\n".join("t" for _ in range(9)), encoding="utf-8")
+        load_pairs(embeddings=str(tmp_path / "e.npy"), texts=str(tmp_path / "t9.txt"))
+    np.save(tmp_path / "cube.npy", np.zeros((2, 3, 4), np.float32))
+    with pytest.raises(EmbeddingFileError, match=r"cube\.npy: expected a 2-D"):
+        load_pairs(embeddings=str(tmp_path / "cube.npy"))
+    x[1, 2] = np.nan
+    np.save(tmp_path / "e.npy", x)
+    with pytest.raises(EmbeddingFileError, match=r"e\.npy: row 1 contains NaN"):
+        load_pairs(embeddings=str(tmp_path / "e.npy"), limit=3)

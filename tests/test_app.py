@@ -264,14 +264,8 @@ def test_trainer_post_app_writes_raw_and_merged_exports(stage1, tmp_path):
     assert torch.equal(exp.model.projector.state_dict()["2.weight"], got["2.weight"])
     assert exp.caption_loss(np.ones((2, 16), np.float32), ["a red circle", "a blue star"])["tokens"] > 0
     # the CLI reproduces the in-trainer merge from the two files
-    import importlib.util
-    from pathlib import Path
+    from anisogen.commands import merge as cli
 
-    spec = importlib.util.spec_from_file_location(
-        "merge_cli", Path(__file__).resolve().parents[1] / "pipelines" / "merge.py"
-    )
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     assert cli.main(["--pre", str(tmp_path / "s2" / "projector_pre.safetensors"), "--ft", str(raw), "--app",
                      "ratio:0.25",
                      "--out", str(tmp_path / "cli"), "--export-from", str(raw), "--spectrum",
@@ -359,14 +353,8 @@ def test_trainer_post_app_refusals_and_overrides(stage1, tmp_path):
     train(TrainConfig(output_dir=str(tmp_path / "d"), post=["app:ratio:0.25,allow_coadapted"], **lora))
     assert (tmp_path / "d" / "export_app-ratio-0.25" / "adapter").is_dir()
     # the offline merge refuses to put a merged projector next to that run's adapter, unless allowed
-    import importlib.util
-    from pathlib import Path
+    from anisogen.commands import merge as cli
 
-    spec = importlib.util.spec_from_file_location(
-        "merge_cli", Path(__file__).resolve().parents[1] / "pipelines" / "merge.py"
-    )
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     raw = tmp_path / "d" / "export"
     assert coadapted_parts(raw) == ["adapter/ (PEFT adapter)"]
     argv = ["--pre", str(tmp_path / "d" / "projector_pre.safetensors"), "--ft", str(raw), "--app", "ratio:0.25",

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from anisogen.audit.index import (
-    FLAT_MAX_PAIRS, TorchFlatIP, choose_kind, default_nlist, knn_graph, recall_at_k, resolve_device,
+    FLAT_MAX_PAIRS, TorchFlatIP, build_flat, choose_kind, default_nlist, knn_graph, recall_at_k, resolve_device,
 )
 from anisogen.geometry import drop_self, knn_search
 from anisogen.synthetic import make_paired_embeddings
@@ -39,11 +39,15 @@ def clustered():
     return np.vstack([pairs.image, pairs.text]).astype(np.float32)
 
 
-def test_flat_faiss_equals_brute_force_torch(rng):
+def test_flat_cpu_backends_equal_brute_force(rng):
     x = unit_rows(rng, 700, 16)
-    got = knn_graph(x, k=7, kind="flat", device="cpu")
     ref, sims = brute_force(x, k=7)
-    assert got.info["kind"] == "flat" and got.info["backend"] == "faiss-cpu" and got.info["recall"] == 1.0
+    for backend in ("faiss", "torch"):
+        index, name = build_flat(x.astype(np.float32), "cpu", backend)
+        assert name == f"{backend}-cpu"
+        assert_same_up_to_ties(drop_self(index.search(x.astype(np.float32), 8)[1], np.arange(700), 7), ref, sims)
+    got = knn_graph(x, k=7, kind="flat", device="cpu")
+    assert got.info["kind"] == "flat" and got.info["backend"] == "torch-cpu" and got.info["recall"] == 1.0
     assert_same_up_to_ties(got.neighbours, ref, sims)
     assert not (got.neighbours == np.arange(700)[:, None]).any()  # self excluded
 

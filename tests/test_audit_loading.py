@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from anisogen.audit.loading import (
-    AuditInputError, check_consistency, load_images, load_paired, load_shard_folder, sidecar_path,
+    AuditInputError, _hashed_shards, check_consistency, load_images, load_paired, load_shard_folder, sidecar_path,
     write_embeddings_npy,
 )
 from anisogen.shards.writer import file_sha256
@@ -112,8 +112,67 @@ def test_corrupt_shard_bytes_fail_the_hash(folder):
     data[2000] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(AuditInputError, match=r"shard-000002\.tar: corrupt shard: sha256 differs"):
-        load_shard_folder(folder)
-    assert load_shard_folder(folder, skip_corrupt=True).n == 250
+        load_shard_folder(folder, verify="full")
+    assert load_shard_folder(folder, skip_corrupt=True, verify="full").n == 250
+
+
+def test_verify_modes_hash_every_shard_a_seeded_share_or_none(tmp_path, rows):
+    # 40 shards of 10; the last byte of every tar (end-of-archive padding, never parsed) is flipped, so only a
+    # sha256 can tell: full names every shard, sample exactly its seeded share, none none of them
+    folder = write_shard_folder(tmp_path / "many", np.vstack([rows, rows])[:400], samples_per_shard=10)
+    for tar in sorted(folder.glob("shard-*.tar")):
+        data = bytearray(tar.read_bytes())
+        data[-1] ^= 0xFF
+        tar.write_bytes(bytes(data))
+    names = [f"shard-{i:06d}.tar" for i in range(40)]
+    with pytest.raises(AuditInputError, match=r"shard-000000\.tar: corrupt shard: sha256 differs"):
+        load_shard_folder(folder, verify="full")
+    with pytest.raises(AuditInputError, match=r"no readable samples \(40 shards/samples skipped\)"):
+        load_shard_folder(folder, verify="full", skip_corrupt=True)
+    sample = load_shard_folder(folder, verify="sample", skip_corrupt=True, seed=5)
+    hashed = sorted(_hashed_shards(40, "sample", 5))
+    assert len(hashed) == 3  # ceil(40 / 16)
+    assert [s["shard"] for s in sample.skipped] == [names[i] for i in hashed]
+    assert all(s["reason"] == "corrupt shard: sha256 differs from the manifest" for s in sample.skipped)
+    none = load_shard_folder(folder, verify="none")
+    assert none.skipped == [] and none.n_total == 400
+    with pytest.raises(AuditInputError, match="--verify must be one of full, sample, none"):
+        load_shard_folder(folder, verify="some")
+
+
+def test_moments_and_norms_cover_every_row_while_the_sample_is_capped(folder, rows):
+    from anisogen.audit.metrics import moments, norm_stats
+    from anisogen.shards import read_embeddings
+
+    every = read_embeddings(folder)
+    got = load_shard_folder(folder, max_samples=50, seed=1)
+    assert got.n == 50 and got.moments.count == got.n_total == 350
+    ref = moments(every.astype(np.float64) / np.linalg.norm(every.astype(np.float64), axis=1, keepdims=True))
+    np.testing.assert_allclose(got.moments.total, ref.total, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.moments.outer, ref.outer, rtol=0, atol=1e-11)
+    for key, value in norm_stats(every).items():
+        assert got.norms[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+
+
+def test_worker_processes_give_the_same_result(tmp_path, rows):
+    from anisogen.audit.workers import TaskPool
+
+    folder = write_shard_folder(tmp_path / "w", rows, rows[:, ::-1].copy(), samples_per_shard=50)
+    write_embeddings_npy(tmp_path / "img.npy", rows, model_fingerprint=FP)
+    local = load_shard_folder(folder, max_samples=100, seed=2)
+    local_img = load_images(tmp_path / "img.npy", max_samples=100, seed=2)
+    with TaskPool(2) as pool:
+        par = load_shard_folder(folder, max_samples=100, seed=2, pool=pool)
+        par_img = load_images(tmp_path / "img.npy", max_samples=100, seed=2, pool=pool)
+        assert pool.started
+    with TaskPool(2, min_work=10_000) as small:  # too little work to start processes for
+        assert load_shard_folder(folder, max_samples=100, seed=2, pool=small).keys == local.keys
+        assert not small.started
+    for a, b in ((local, par), (local_img, par_img)):
+        assert a.keys == b.keys and a.n_total == b.n_total
+        np.testing.assert_array_equal(a.emb, b.emb)
+        np.testing.assert_allclose(a.moments.outer, b.moments.outer, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(local.src, par.src)
 
 
 def test_truncated_shard_fails_size_check(folder):

@@ -22,13 +22,12 @@ from anisogen.audit import evaluate_gates, parse_gate
 from anisogen.audit.gates import GateError
 from anisogen.audit.loading import load_images, load_paired, load_shard_folder
 from anisogen.audit.metrics import paired_metrics, semantic_metrics, unit_rows, unpaired_metrics
+from anisogen.commands import audit as audit_cli
 from test_audit_fixtures import OTHER_FP, make_world, write_shard_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "pipelines"))
-import audit as audit_cli  # noqa: E402
 
-FAST = ["--n-pairs", "5000", "--quiet"]
+FAST = ["--n-pairs", "5000", "--no-progress", "--workers", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,9 @@ def test_report_json_holds_inputs_fingerprints_versions_and_index(full_run, worl
     assert report["paired"]["n_sampled"] == len(world["held_image"])
     assert set(report["versions"]) >= {"anisogen", "numpy", "faiss", "torch", "python"}
     assert report["settings"]["k"] == 10 and report["gates"]["passed"]
-    assert set(report["timings"]) >= {"load", "knn", "metrics", "paired", "plots", "total"}
+    assert set(report["timings"]) >= {"scan", "knn", "metrics", "paired", "plots", "total", "scan_steps"}
+    assert set(report["timings"]["scan_steps"]["images"]) == {"read", "moments"}
+    assert report["settings"]["verify"] == "sample" and report["settings"]["workers"] >= 1
     assert len(report["curves"]["covariance_spectrum"]["images"]) == 24
 
 
@@ -291,7 +292,8 @@ def test_zero_vector_sample_is_named(world, tmp_path, capsys):
                                 model=world["aligners"]["centroid"].model_fingerprint)
     argv = ["--shards", str(folder), "--images", str(world["images_path"]), "--out", str(tmp_path / "r"), *FAST]
     assert audit_cli.main(argv) == 2
-    assert "zero: emb of sample s000000-000042 is all zeros" in capsys.readouterr().err
+    assert "zero/shard-000000.tar sample s000000-000042: emb.npy is all zeros and has no direction" in \
+        capsys.readouterr().err
 
 
 def test_nan_sample_and_dimension_mismatch_exit_2_naming_the_input(world, tmp_path, capsys):

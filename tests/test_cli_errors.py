@@ -23,7 +23,7 @@ CASES = {
                        NOPE),
     "evaluate.py": (["--export", NOPE, "--shards", NOPE, "--out", "{tmp}/e"], NOPE),
     "experiment.py": (["--readme", "README.md", "--doc", ""], "--readme needs --doc"),
-    "fit.py": (["--aligner", "centroid", "--text", NOPE, "--image", NOPE, "--out", "{tmp}/f"], NOPE),
+    "fit.py": (["--aligner", "centroid", "--texts", NOPE, "--images", NOPE, "--out", "{tmp}/f"], NOPE),
     "gap_study.py": (["--from-json", NOPE], NOPE),
     "generate.py": (["--corpus", "{tmp}/c.jsonl", "--out", "{tmp}/g", "--aligner", "nope", "--images", NOPE],
                     "unknown aligner"),

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "pipelines"))
+from anisogen.commands import demo
 
-import demo  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_paired_set_is_joined_by_scene_id_not_by_file_order(tmp_path):

@@ -1,6 +1,5 @@
 """Image embedding: folders, WebDataset image tars, precomputed .npy (clip-retrieval layout), the CLI."""
 
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -21,10 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("embed_images_cli", ROOT / "pipelines" / "embed_images.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from anisogen.commands import embed_images
+
+    return embed_images
 
 
 @pytest.fixture(scope="module")

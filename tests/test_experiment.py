@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,8 +81,7 @@ def test_qa_and_pope_scoring():
 
 @pytest.fixture(scope="module")
 def ci_run(tmp_path_factory):
-    sys.path.insert(0, str(ROOT / "pipelines"))
-    import experiment  # the CLI
+    from anisogen.commands import experiment  # the CLI
 
     out = tmp_path_factory.mktemp("experiment")
     doc = out / "EXPERIMENTS.md"
@@ -217,7 +215,7 @@ def test_document_is_written(ci_run):
 
 def test_report_only_rerenders_the_same_document(ci_run, tmp_path):
     out, doc, _ = ci_run
-    import experiment
+    from anisogen.commands import experiment
 
     again = tmp_path / "again.md"
     assert experiment.main(["--report-only", "--out", str(out), "--doc", str(again)]) == 0

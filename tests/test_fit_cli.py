@@ -1,6 +1,5 @@
-"""pipelines/fit.py: fit any registered aligner from .npy files / folders / shard folders."""
+"""pipelines/fit.py (anisogen.commands.fit): fit any registered aligner from .npy files / folders / shard folders."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,13 +9,11 @@ import numpy as np
 import pytest
 
 from anisogen.align import fit_aligner, load_aligner
+from anisogen.commands import fit as fit_cli
 from anisogen.shards import schema, writer
 from anisogen.synthetic import make_paired_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("fit_cli", ROOT / "pipelines" / "fit.py")
-fit_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(fit_cli)
 
 TINY = ["--param", "rank=4", "--param", "score_hidden=16", "--param", "score_layers=1", "--param", "refiner_hidden=16",
         "--param", "refiner_layers=1", "--param", "stage1_steps=20", "--param", "stage2_steps=20",
@@ -44,7 +41,7 @@ def run_cli(capsys, *argv):
 
 def test_fit_writes_the_artifact_identical_to_the_library_fit(files, tmp_path, capsys):
     d, held = files
-    code, out, err = run_cli(capsys, "--aligner", "anisoalign-init", "--text", d / "text.npy", "--image",
+    code, out, err = run_cli(capsys, "--aligner", "anisoalign-init", "--texts", d / "text.npy", "--images",
                              d / "image.npy", "--out", tmp_path / "art", "--seed", 3, "--param", "rank=4",
                              "--model-fingerprint", "toy:1", "--json", tmp_path / "diag.json", "--no-progress")
     assert code == 0, err
@@ -60,17 +57,17 @@ def test_fit_writes_the_artifact_identical_to_the_library_fit(files, tmp_path, c
     assert diag["unpaired_report"]["G_mu"] == pytest.approx(np.linalg.norm(image.mean(0) - text.mean(0)), abs=1e-6)
     assert diag["unpaired_report"]["trace_text"] == pytest.approx(np.trace(np.cov(text.T, bias=True)), rel=1e-5)
     # an existing artifact is not replaced silently
-    code, _, err = run_cli(capsys, "--aligner", "realign", "--text", d / "text.npy", "--image", d / "image.npy",
+    code, _, err = run_cli(capsys, "--aligner", "realign", "--texts", d / "text.npy", "--images", d / "image.npy",
                            "--out", tmp_path / "art")
     assert code == 2 and "already holds an aligner artifact; pass --overwrite" in err
-    code, _, _ = run_cli(capsys, "--aligner", "realign", "--text", d / "text.npy", "--image", d / "image.npy",
+    code, _, _ = run_cli(capsys, "--aligner", "realign", "--texts", d / "text.npy", "--images", d / "image.npy",
                          "--out", tmp_path / "art", "--overwrite")
     assert code == 0 and load_aligner(tmp_path / "art").name == "realign"
 
 
 def test_paired_inputs_print_the_gap_report_and_trained_stages_their_curves(files, tmp_path, capsys):
     d, held = files
-    code, out, err = run_cli(capsys, "--aligner", "anisoalign", "--text", d / "held_text.npy", "--image",
+    code, out, err = run_cli(capsys, "--aligner", "anisoalign", "--texts", d / "held_text.npy", "--images",
                              d / "held_image.npy", "--paired", "--out", tmp_path / "a", "--json", tmp_path / "j.json",
                              "--no-progress", *TINY)
     assert code == 0, err
@@ -85,7 +82,7 @@ def test_paired_inputs_print_the_gap_report_and_trained_stages_their_curves(file
     assert "realign (reference)" in out and out.count("<- chosen") == 1
     assert len(diag["history"]["selection"]) >= 14
     assert diag["history"]["stage1_L_I_val_step"] == [0.0, 10.0, 20.0]
-    code, _, err = run_cli(capsys, "--aligner", "realign", "--text", d / "text.npy", "--image", d / "held_image.npy",
+    code, _, err = run_cli(capsys, "--aligner", "realign", "--texts", d / "text.npy", "--images", d / "held_image.npy",
                            "--paired", "--out", tmp_path / "b")
     assert code == 2 and "--paired needs as many texts as images, got 1000 texts and 2000 images" in err
 
@@ -96,27 +93,27 @@ def test_bad_inputs_are_refused_naming_file_and_row(files, tmp_path, capsys):
     bad = text.copy()
     bad[41] *= 2.0
     np.save(tmp_path / "unnormed.npy", bad)
-    code, _, err = run_cli(capsys, "--aligner", "realign", "--text", tmp_path / "unnormed.npy", "--image",
+    code, _, err = run_cli(capsys, "--aligner", "realign", "--texts", tmp_path / "unnormed.npy", "--images",
                            d / "image.npy", "--out", tmp_path / "x")
     assert code == 2 and f"{tmp_path / 'unnormed.npy'}: row 41 has L2 norm 2.0" in err and "--normalize" in err
     assert not (tmp_path / "x" / "config.json").exists()
-    code, _, err = run_cli(capsys, "--aligner", "realign", "--text", tmp_path / "unnormed.npy", "--image",
+    code, _, err = run_cli(capsys, "--aligner", "realign", "--texts", tmp_path / "unnormed.npy", "--images",
                            d / "image.npy", "--out", tmp_path / "x", "--normalize")
     assert code == 0, err
     nan = text.copy()
     nan[7, 3] = np.nan
     np.save(tmp_path / "nan.npy", nan)
-    code, _, err = run_cli(capsys, "--aligner", "realign", "--text", d / "text.npy", "--image", tmp_path / "nan.npy",
+    code, _, err = run_cli(capsys, "--aligner", "realign", "--texts", d / "text.npy", "--images", tmp_path / "nan.npy",
                            "--out", tmp_path / "y")
     assert code == 2 and f"{tmp_path / 'nan.npy'}: row 7 contains NaN or Inf" in err
     np.save(tmp_path / "d8.npy", text[:, :8] / np.linalg.norm(text[:, :8], axis=1, keepdims=True))
-    code, _, err = run_cli(capsys, "--aligner", "realign", "--text", d / "text.npy", "--image", tmp_path / "d8.npy",
+    code, _, err = run_cli(capsys, "--aligner", "realign", "--texts", d / "text.npy", "--images", tmp_path / "d8.npy",
                            "--out", tmp_path / "z")
     assert code == 2 and "dimension mismatch: text inputs" in err and "have d=16" in err and "have d=8" in err
-    code, _, err = run_cli(capsys, "--aligner", "realign", "--text", d / "text.npy", tmp_path / "d8.npy",
-                           "--image", d / "image.npy", "--out", tmp_path / "z")
+    code, _, err = run_cli(capsys, "--aligner", "realign", "--texts", d / "text.npy", tmp_path / "d8.npy",
+                           "--images", d / "image.npy", "--out", tmp_path / "z")
     assert code == 2 and f"{tmp_path / 'd8.npy'}: dimension mismatch, expected d=16, got d=8" in err
-    code, _, err = run_cli(capsys, "--aligner", "realign", "--text", tmp_path / "missing.npy", "--image",
+    code, _, err = run_cli(capsys, "--aligner", "realign", "--texts", tmp_path / "missing.npy", "--images",
                            d / "image.npy", "--out", tmp_path / "z")
     assert code == 2 and "does not exist" in err
 
@@ -130,7 +127,7 @@ def test_folders_fingerprints_and_shard_folders(files, tmp_path, capsys):
     np.save(img_dir / "img_emb_2.npy", image[500:].astype(np.float16))
     np.save(img_dir / "img_emb_10.npy", image[:0].reshape(0, 16).astype(np.float16)[:0])  # empty part is refused
     (img_dir / "img_emb.json").write_text(json.dumps({"model": "toy|random|sha256=0"}))
-    code, _, err = run_cli(capsys, "--aligner", "realign", "--text", d / "text.npy", "--image", img_dir,
+    code, _, err = run_cli(capsys, "--aligner", "realign", "--texts", d / "text.npy", "--images", img_dir,
                            "--out", tmp_path / "e")
     assert code == 2 and "img_emb_10.npy: no rows" in err
     np.save(img_dir / "img_emb_10.npy", image[:500].astype(np.float16))
@@ -148,7 +145,7 @@ def test_folders_fingerprints_and_shard_folders(files, tmp_path, capsys):
     writer.assemble(shards, {"dim": 16, "num_tasks": 2, "model_fingerprint": "toy|random|sha256=0"},
                     writer.list_records(shards), complete=True)
     code, out, err = run_cli(
-        capsys, "--aligner", "realign", "--text", shards, "--image", img_dir, "--out", tmp_path / "f"
+        capsys, "--aligner", "realign", "--texts", shards, "--images", img_dir, "--out", tmp_path / "f"
     )
     assert code == 0, err
     loaded = load_aligner(tmp_path / "f", model_fingerprint="toy|random|sha256=0")
@@ -156,19 +153,19 @@ def test_folders_fingerprints_and_shard_folders(files, tmp_path, capsys):
     image16 = np.concatenate([image[500:], image[:500]]).astype(np.float16).astype(np.float64)
     direct = fit_aligner("realign", text=text.astype(np.float64), image=image16)
     np.testing.assert_allclose(loaded.transform(held.text), direct.transform(held.text), atol=1e-6)
-    code, _, err = run_cli(capsys, "--aligner", "realign", "--text", shards, "--image", img_dir, "--out",
+    code, _, err = run_cli(capsys, "--aligner", "realign", "--texts", shards, "--images", img_dir, "--out",
                            tmp_path / "g",
                            "--model-fingerprint", "ViT-B-32:other")
     assert code == 2 and "differs from the inputs' ['toy|random|sha256=0']" in err
-    code, _, err = run_cli(capsys, "--aligner", "realign", "--text", shards, "--shard-field", "emb", "--image", img_dir,
-                           "--out", tmp_path / "h", "--normalize")
+    code, _, err = run_cli(capsys, "--aligner", "realign", "--texts", shards, "--shard-field", "emb", "--images",
+                           img_dir, "--out", tmp_path / "h", "--normalize")
     assert code == 0, err
 
 
 def test_runs_as_a_script(files, tmp_path):
     d, _ = files
-    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "fit.py"), "--aligner", "c3", "--text",
-                           str(d / "text.npy"), "--image", str(d / "image.npy"), "--out", str(tmp_path / "c3"),
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "fit.py"), "--aligner", "c3", "--texts",
+                           str(d / "text.npy"), "--images", str(d / "image.npy"), "--out", str(tmp_path / "c3"),
                            "--param", "calibrate_phi=0.8"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert load_aligner(tmp_path / "c3").params["calibrate_phi"] == 0.8

@@ -84,6 +84,24 @@ def test_every_reader_decodes_identically(tmp_path, dtype, src):
     np.testing.assert_array_equal(emb_only.emb, expect)
 
 
+def test_shard_view_reads_a_subset_of_rows_like_the_whole_columns(tmp_path):
+    path = _shard(tmp_path, src=True)
+    whole = reader.read_shard(path, fields=("emb", "src", "txt", "json"), dim=D)
+    rows = [0, 5, 6, 36]
+    with reader.ShardView(path) as view:
+        assert view.keys == whole.keys and len(view) == 37
+        np.testing.assert_array_equal(view.column("emb", rows=rows, dim=D), whole.emb[rows])
+        np.testing.assert_array_equal(view.column("src", rows=np.array(rows)), whole.src[rows])
+        assert view.column("txt", rows=rows) == [whole.txt[i] for i in rows]
+        assert view.column("json", rows=rows) == [whole.json[i] for i in rows]
+        assert view.column("emb", rows=[]).shape[0] == 0
+        raw = view.raw(6)
+        assert raw["__key__"] == whole.keys[6] and bytes(raw["txt"]).decode() == whole.txt[6]
+    with pytest.raises(ShardFormatError, match="truncated tar"):
+        (tmp_path / "cut.tar").write_bytes(path.read_bytes()[:3000])
+        reader.ShardView(tmp_path / "cut.tar")
+
+
 def test_read_embeddings_and_limit_match_reference(tmp_path):
     for task in range(3):
         entry = writer.write_task_shard(tmp_path, task, **_columns(5 + task, seed=task, src=True))

@@ -141,11 +141,8 @@ def test_cli(tmp_path):
     res = subprocess.run(cmd + args, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.splitlines()[0])["captions"] == 20
-    import importlib.util
+    from anisogen.commands import make_toy_corpora as cli
 
-    spec = importlib.util.spec_from_file_location("make_toy_corpora", REPO / "pipelines" / "make_toy_corpora.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     assert cli.main(args) == 2  # exists: refused with a clear message, nothing touched
     assert cli.main(args + ["--overwrite", "--n-text", "5"]) == 0
     assert read_manifest(tmp_path / "c")["counts"]["captions"] == 5
@@ -156,12 +153,9 @@ def test_cli(tmp_path):
 
 
 def _load_gap_pipeline():
-    import importlib.util
+    from anisogen.commands import gap_study
 
-    spec = importlib.util.spec_from_file_location("gap_study_cli", REPO / "pipelines" / "gap_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return gap_study
 
 
 def test_gap_study_small_run_and_rerender(tmp_path):

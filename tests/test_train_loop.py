@@ -1,6 +1,6 @@
 """The training loop: learning, resume == uninterrupted, checkpoint contents, exports, methods, CLI."""
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -149,11 +149,8 @@ def test_wrong_embedding_dim_for_projector(tmp_path, world):
 
 
 def _load_pipeline(name):
-    """Import pipelines/<name>.py under a private module name (no clash with e.g. HF `evaluate`)."""
-    spec = importlib.util.spec_from_file_location(f"_anisogen_pipeline_{name}", ROOT / "pipelines" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The command behind pipelines/<name>.py (anisogen.commands.<name>)."""
+    return importlib.import_module(f"anisogen.commands.{name}")
 
 
 def test_cli_stage2_then_evaluate(tmp_path, world):

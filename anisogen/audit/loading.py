@@ -32,21 +32,24 @@ skipped instead and recorded in ``EmbeddingSet.skipped`` (shard-level problems d
 from __future__ import annotations
 
 import json
+import math
 import os
-import tarfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .. import embedding_files as _ef
-from ..embeddings import check_embeddings
-from ..shards import ALIGNER_DIRNAME, decode_embedding, iter_raw_samples, load_manifest
-from ..shards.schema import MANIFEST_NAME
-from ..shards.writer import file_sha256
 from ..cli import UserError
+from ..embeddings import check_embeddings
+from ..shards import ALIGNER_DIRNAME, decode_embedding, load_manifest
+from ..shards.schema import MANIFEST_NAME
+from ..stats import Moments
+from .defaults import ROWS_PER_TASK, SAMPLE_HASH_FRACTION, VERIFY, VERIFY_MODES
+from .scan import RowsTask, ShardTask, merge_parts, scan_rows, scan_shard
+from .workers import TaskPool
 
 
 class AuditInputError(UserError):
@@ -61,6 +64,9 @@ class EmbeddingSet:
     row-aligned with ``emb`` (shard folders with ``src.npy`` only), else None. ``keys``: sample key (or
     ``file:row``) of each row. ``n_total``: rows available before sampling (in readable shards).
     ``skipped``: one dict per skipped shard or sample (``source``, ``shard``, ``key``, ``reason``).
+    ``moments`` / ``norms``: float64 moments of the L2-normalised rows and the ``norm_*`` statistics over
+    *every* readable row (not only the sample), for inputs scanned by :mod:`.scan` (None for the paired
+    set). ``seconds``: CPU-side seconds per scan step summed over tasks (``read``, ``sha256``, ``moments``).
     """
 
     label: str
@@ -75,6 +81,9 @@ class EmbeddingSet:
     manifest: dict | None = None
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    moments: Moments | None = None
+    norms: dict | None = None
+    seconds: dict = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -124,96 +133,96 @@ def _manifest_summary(manifest: dict) -> dict:
     }
 
 
+def _hashed_shards(n: int, verify: str, seed: int) -> set[int]:
+    """Indices of the shards whose sha256 is checked: all (``full``), a seeded share (``sample``), none."""
+    if verify == "full":
+        return set(range(n))
+    if verify == "none" or n == 0:
+        return set()
+    m = max(1, math.ceil(n * SAMPLE_HASH_FRACTION))
+    return set(np.random.default_rng([seed, 2]).choice(n, m, replace=False).tolist())
+
+
 def load_shard_folder(path: str | os.PathLike, *, label: str | None = None, max_samples: int | None = None,
-                      seed: int = 0, skip_corrupt: bool = False, progress: bool = False) -> EmbeddingSet:
-    """Read (a seeded sample of) the embeddings of a generated shard folder.
+                      seed: int = 0, skip_corrupt: bool = False, progress: bool = False, verify: str = VERIFY,
+                      pool: TaskPool | None = None) -> EmbeddingSet:
+    """Scan a generated shard folder: moments and norms of every row, and a seeded sample of rows.
 
     Checks, naming the folder/shard/sample in every error: a complete manifest (via
-    :func:`anisogen.shards.load_manifest`), each listed shard present with the manifest's byte size and
-    sha256, the tar readable with exactly ``nsamples`` samples, *every* sample holding an ``emb.npy`` of
-    shape (d,) with finite values, and every kept sample's ``src.npy`` likewise and its ``json`` model
-    fingerprint equal to the manifest's. Metrics use only the kept rows; the checks cover all rows.
+    :func:`anisogen.shards.load_manifest`) consistent with the tars on disk, and per shard what ``verify``
+    asks for (:mod:`.scan`): always the tar structure, the sample count and every ``emb.npy`` (shape (d,),
+    finite, not zero); sizes unless ``none``; sha256 of every shard (``full``) or of a seeded share
+    (``sample``); ``src.npy`` and the ``json`` model fingerprint of every sample (``full``) or of the
+    sampled ones. Shards are scanned by ``pool`` (default: in this process).
     """
     folder = Path(path)
     label = label or folder.name
+    if verify not in VERIFY_MODES:
+        raise AuditInputError(f"--verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+    manifest = _read_manifest(folder)
+    dim, fingerprint = int(manifest["dim"]), manifest.get("model_fingerprint")
+    entries = manifest.get("shards", [])
+    _check_manifest_consistency(folder, manifest, entries)
+    starts = np.cumsum([0] + [int(e["nsamples"]) for e in entries])
+    positions = sample_positions(int(starts[-1]), max_samples, seed)
+    hashed = _hashed_shards(len(entries), verify, seed)
+    tasks = []
+    for i, e in enumerate(entries):
+        lo, hi = int(starts[i]), int(starts[i + 1])
+        keep = np.arange(hi - lo) if positions is None else positions[(positions >= lo) & (positions < hi)] - lo
+        tasks.append(ShardTask(path=str(folder / e["name"]), name=e["name"], nsamples=int(e["nsamples"]), dim=dim,
+                               keep=keep, fingerprint=fingerprint,
+                               size=None if verify == "none" or "bytes" not in e else int(e["bytes"]),
+                               sha256=e.get("sha256") if i in hashed else None, check_all=verify == "full"))
+    skipped: list[dict] = []
+    parts = []
+    with _pool_or_local(pool) as run:
+        for part in run.imap(scan_shard, tasks, desc=f"scan {label}", unit="shard", progress=progress,
+                             work=int(starts[-1])):
+            for prob in part.problems:
+                _shard_problem(folder, prob, skip_corrupt, skipped)
+            parts.append(part)
+    scan = merge_parts(parts, dim)
+    if not scan.keys:
+        raise AuditInputError(f"{folder}: no readable samples ({len(skipped)} shards/samples skipped)")
+    warnings = []
+    if scan.src is None and scan.n_src_rows:
+        warnings.append(f"{folder}: only {scan.n_src_rows} of {len(scan.keys)} sampled rows carry src.npy; "
+                        "semantic-preservation metrics are skipped")
+    return EmbeddingSet(
+        label=label, path=str(folder), kind="shards", emb=scan.emb, src=scan.src, keys=scan.keys, n_total=scan.count,
+        model_fingerprint=fingerprint, aligner=manifest.get("aligner"), manifest=_manifest_summary(manifest),
+        skipped=skipped, warnings=warnings, moments=scan.moments, norms=scan.norms.as_dict(), seconds=scan.seconds,
+    )
+
+
+def _read_manifest(folder: Path) -> dict:
     if not folder.is_dir():
         raise AuditInputError(f"{folder}: shard folder does not exist")
     try:
-        manifest = load_manifest(folder)
+        return load_manifest(folder)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AuditInputError(f"{folder / MANIFEST_NAME}: not valid JSON ({exc})") from None
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RuntimeError: IncompleteRunError
         raise AuditInputError(str(exc) if str(folder) in str(exc) else f"{folder}: {exc}") from None
-    dim = int(manifest["dim"])
-    fingerprint = manifest.get("model_fingerprint")
-    entries = manifest.get("shards", [])
-    _check_manifest_consistency(folder, manifest, entries)
-    starts = np.cumsum([0] + [int(e["nsamples"]) for e in entries])
-    total = int(starts[-1])
-    positions = sample_positions(total, max_samples, seed)
-    skipped: list[dict] = []
-    emb_rows: list[np.ndarray] = []
-    src_rows: list[np.ndarray | None] = []
-    keys: list[str] = []
-    n_readable = 0
 
-    def problem(shard: str, reason: str, key: str | None = None) -> None:
-        where = f"{folder / shard}" + (f" sample {key}" if key else "")
-        if not skip_corrupt:
-            raise AuditInputError(f"{where}: {reason}" + ("" if key else "; pass --skip-corrupt to skip it"))
-        skipped.append({"source": str(folder), "shard": shard, "key": key, "reason": reason})
 
-    for i, entry in enumerate(tqdm(entries, desc=f"read {label}", unit="shard", disable=not progress)):
-        name = entry["name"]
-        lo, hi = int(starts[i]), int(starts[i + 1])
-        keep = np.arange(lo, hi) if positions is None else positions[(positions >= lo) & (positions < hi)]
-        keep_local = set((keep - lo).tolist())
-        reason = _shard_file_problem(folder / name, entry)
-        if reason:
-            problem(name, reason)
-            continue
-        shard_emb, shard_src, shard_keys, shard_skips = [], [], [], []
-        count = 0
-        try:
-            for raw in iter_raw_samples(folder / name):
-                selected = count in keep_local
-                row = _decode_sample(raw, dim, fingerprint, full=selected)  # every sample is checked
-                if isinstance(row, str):
-                    shard_skips.append((raw["__key__"], row))
-                elif selected:
-                    shard_emb.append(row[0])
-                    shard_src.append(row[1])
-                    shard_keys.append(raw["__key__"])
-                count += 1
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            problem(name, f"corrupt shard, cannot be read as a tar ({exc})")
-            continue
-        if count != int(entry["nsamples"]):
-            problem(name, f"holds {count} samples but the manifest lists {entry['nsamples']}")
-            continue
-        for key, reason in shard_skips:
-            problem(name, reason, key)
-        n_readable += count
-        emb_rows.extend(shard_emb)
-        src_rows.extend(shard_src)
-        keys.extend(shard_keys)
+def _shard_problem(folder: Path, prob: dict, skip_corrupt: bool, skipped: list[dict]) -> None:
+    """Raise a scan problem as :class:`AuditInputError`, or record it as skipped under ``skip_corrupt``."""
+    shard, key, reason = prob["shard"], prob["key"], prob["reason"]
+    where = f"{folder / shard}" + (f" sample {key}" if key else "")
+    if not skip_corrupt:
+        raise AuditInputError(f"{where}: {reason}" + ("" if key else "; pass --skip-corrupt to skip it"))
+    skipped.append({"source": str(folder), "shard": shard, "key": key, "reason": reason})
 
-    if not emb_rows:
-        raise AuditInputError(f"{folder}: no readable samples ({len(skipped)} shards/samples skipped)")
-    emb = np.stack(emb_rows).astype(np.float32, copy=False)
-    warnings = []
-    n_src = sum(s is not None for s in src_rows)
-    src = None
-    if n_src == len(src_rows):
-        src = np.stack(src_rows).astype(np.float32, copy=False)
-    elif n_src:
-        warnings.append(f"{folder}: only {n_src} of {len(src_rows)} sampled rows carry src.npy; "
-                        "semantic-preservation metrics are skipped")
-    return EmbeddingSet(
-        label=label, path=str(folder), kind="shards", emb=emb, src=src, keys=keys, n_total=n_readable,
-        model_fingerprint=fingerprint, aligner=manifest.get("aligner"), manifest=_manifest_summary(manifest),
-        skipped=skipped, warnings=warnings,
-    )
+
+@contextmanager
+def _pool_or_local(pool: TaskPool | None):
+    if pool is not None:
+        yield pool
+    else:
+        with TaskPool(1) as local:
+            yield local
 
 
 def _check_manifest_consistency(folder: Path, manifest: dict, entries: list[dict]) -> None:
@@ -238,41 +247,6 @@ def _check_manifest_consistency(folder: Path, manifest: dict, entries: list[dict
         raise AuditInputError(f"{folder}: {len(extra)} shard file(s) on disk are not in {MANIFEST_NAME} (e.g. "
                               f"{', '.join(extra[:3])}): auditing only the listed ones would silently skip them; "
                               "move them away or regenerate the folder")
-
-
-def _shard_file_problem(path: Path, entry: dict) -> str | None:
-    """Why a listed shard cannot be trusted (missing, size or sha256 mismatch), or None."""
-    if not path.is_file():
-        return "shard listed in the manifest is missing"
-    size = path.stat().st_size
-    if "bytes" in entry and size != int(entry["bytes"]):
-        return f"corrupt shard: {size} bytes on disk, manifest says {entry['bytes']}"
-    if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
-        return "corrupt shard: sha256 differs from the manifest"
-    return None
-
-
-def _decode_sample(raw: dict, dim: int, fingerprint: str | None, full: bool = True):
-    """(emb, src) float32 rows of one raw sample, or a string saying why the sample is unusable.
-
-    Decoding and checks (dtype, shape (dim,), finiteness, UTF-8 JSON) are those of
-    :func:`anisogen.shards.decode.decode_sample`. ``full=False`` (rows outside the sample) checks only
-    ``emb.npy``; otherwise ``src.npy`` and ``json`` are checked too when present.
-    """
-    from ..shards.decode import ShardFormatError, decode_sample
-
-    fields = ["emb"]
-    if full:
-        fields += [f for f, ext in (("src", "src.npy"), ("json", "json")) if raw.get(ext) is not None]
-    try:
-        sample = decode_sample(raw, shard=str(raw.get("__url__", "?")), key=str(raw.get("__key__", "?")),
-                               fields=fields, dim=dim)
-    except ShardFormatError as exc:
-        return exc.reason
-    model = (sample.get("json") or {}).get("model")
-    if fingerprint is not None and model is not None and model != fingerprint:
-        return f"sample was encoded with CLIP model {model!r}, the manifest says {fingerprint!r}"
-    return sample["emb"], sample.get("src")
 
 
 # ------------------------------------------------------------------------------------ .npy inputs
@@ -345,46 +319,53 @@ def _open_embeddings(path: Path) -> "_ef.EmbeddingFiles":
         raise AuditInputError(str(exc)) from None
 
 
-def _read_rows(source: "_ef.EmbeddingFiles", positions: np.ndarray | None) -> np.ndarray:
-    """Every row checked (shape, d, finite; not norms), the rows at ``positions`` returned as float32."""
-    try:
-        return source.load(keep=positions, dtype=np.float32)
-    except _ef.EmbeddingFileError as exc:
-        raise AuditInputError(str(exc)) from None
+def _scan_npy(source: "_ef.EmbeddingFiles", max_samples: int | None, seed: int, pool: TaskPool | None,
+              progress: bool, label: str):
+    """Scan every row of an opened embedding source in row-range tasks (:func:`.scan.scan_rows`): moments and
+    norms of all rows, the seeded sample kept. Any bad row is an :class:`AuditInputError` naming file and row."""
+    positions = sample_positions(source.count, max_samples, seed)
+    keep = np.arange(source.count) if positions is None else positions
+    tasks = [RowsTask(path=str(source.path), lo=lo, hi=min(lo + ROWS_PER_TASK, source.count),
+                      keep=keep[(keep >= lo) & (keep < lo + ROWS_PER_TASK)])
+             for lo in range(0, source.count, ROWS_PER_TASK)]
+    parts = []
+    with _pool_or_local(pool) as run:
+        for part in run.imap(scan_rows, tasks, desc=f"scan {label}", unit="task", progress=progress,
+                             work=source.count):
+            if part.problems:
+                raise AuditInputError(part.problems[0]["reason"])
+            parts.append(part)
+    return merge_parts(parts, source.dim)
+
+
+def _npy_set(source: "_ef.EmbeddingFiles", path: Path, kind: str, label: str, scan) -> EmbeddingSet:
+    return EmbeddingSet(label=label, path=str(path), kind=kind, emb=scan.emb, keys=scan.keys, n_total=scan.count,
+                        model_fingerprint=source.model_fingerprint, moments=scan.moments, norms=scan.norms.as_dict(),
+                        seconds=scan.seconds)
 
 
 def load_embedding_file(path: str | os.PathLike, *, label: str | None = None, max_samples: int | None = None,
-                        seed: int = 0) -> EmbeddingSet:
-    """One ``.npy`` of (N, d) embeddings plus its optional sidecar (model fingerprint)."""
+                        seed: int = 0, pool: TaskPool | None = None, progress: bool = False) -> EmbeddingSet:
+    """One ``.npy`` of (N, d) embeddings plus its optional sidecar (model fingerprint); every row is scanned."""
     path = Path(path)
     _load_npy(path)  # a clear error for a missing or non-.npy file
     source = _open_embeddings(path)
-    positions = sample_positions(source.count, max_samples, seed)
-    index = np.arange(source.count) if positions is None else positions
-    emb = _read_rows(source, positions)  # every row is checked, the sample is kept
-    set_ = EmbeddingSet(label=label or path.stem, path=str(path), kind="npy", emb=emb,
-                        keys=[f"{path.name}:{i}" for i in index], n_total=source.count,
-                        model_fingerprint=source.model_fingerprint)
+    set_ = _npy_set(source, path, "npy", label or path.stem,
+                    _scan_npy(source, max_samples, seed, pool, progress, label or path.stem))
     if _ef.find_sidecar(path) is None:
         set_.warnings.append(f"{path}: no sidecar {sidecar_path(path).name}; its CLIP model cannot be verified")
     return set_
 
 
 def load_embedding_dir(path: str | os.PathLike, *, label: str | None = None, max_samples: int | None = None,
-                       seed: int = 0) -> EmbeddingSet:
+                       seed: int = 0, pool: TaskPool | None = None, progress: bool = False) -> EmbeddingSet:
     """A folder of ``.npy`` files read as one set, in natural file-name order (clip-retrieval style)."""
     folder = Path(path)
     if not any(folder.glob("*.npy")) and not (folder / "img_emb").is_dir():
         raise AuditInputError(f"{folder}: no manifest.json and no .npy files; not an embedding folder")
     source = _open_embeddings(folder)  # same d in every file, one CLIP model
-    positions = sample_positions(source.count, max_samples, seed)
-    emb = _read_rows(source, positions)
-    starts = source.starts
-    index = np.arange(source.count) if positions is None else positions
-    which = np.searchsorted(starts, index, side="right") - 1
-    keys = [f"{source.files[w].name}:{int(g - starts[w])}" for w, g in zip(which, index)]
-    set_ = EmbeddingSet(label=label or folder.name, path=str(folder), kind="npy-dir", emb=emb,
-                        keys=keys, n_total=source.count, model_fingerprint=source.model_fingerprint)
+    set_ = _npy_set(source, folder, "npy-dir", label or folder.name,
+                    _scan_npy(source, max_samples, seed, pool, progress, label or folder.name))
     missing = [f.name for f, fp in source.fingerprints.items() if fp is None]
     if missing:
         set_.warnings.append(f"{folder}: {len(missing)} file(s) without a fingerprint sidecar ({missing[:3]}...)")
@@ -392,20 +373,22 @@ def load_embedding_dir(path: str | os.PathLike, *, label: str | None = None, max
 
 
 def load_images(path: str | os.PathLike, *, max_samples: int | None = None, seed: int = 0,
-                skip_corrupt: bool = False, progress: bool = False) -> EmbeddingSet:
+                skip_corrupt: bool = False, progress: bool = False, verify: str = VERIFY,
+                pool: TaskPool | None = None) -> EmbeddingSet:
     """Image embeddings from a ``.npy`` file, a folder of ``.npy`` files or an image-embedding shard folder."""
     p = Path(path)
     if p.is_dir() and (p / MANIFEST_NAME).is_file():
         out = load_shard_folder(p, label="images", max_samples=max_samples, seed=seed, skip_corrupt=skip_corrupt,
-                                progress=progress)
+                                progress=progress, verify=verify, pool=pool)
         out.src = None
         out.kind = "image-shards"
         return out
     if p.is_dir():
-        return load_embedding_dir(p, label="images", max_samples=max_samples, seed=seed)
+        return load_embedding_dir(p, label="images", max_samples=max_samples, seed=seed, pool=pool,
+                                  progress=progress)
     if not p.exists():
         raise AuditInputError(f"{p}: image embeddings not found")
-    return load_embedding_file(p, label="images", max_samples=max_samples, seed=seed)
+    return load_embedding_file(p, label="images", max_samples=max_samples, seed=seed, pool=pool, progress=progress)
 
 
 def load_paired(path: str | os.PathLike, *, max_samples: int | None = None, seed: int = 0

@@ -130,16 +130,21 @@ def semantic_query_rows(n: int, max_queries: int | None, seed: int) -> np.ndarra
 def unpaired_metrics(image: np.ndarray, substitute: np.ndarray, *, k: int = 20, seed: int = 0, q: int | None = None,
                      neighbours: np.ndarray | None = None, query_rows: np.ndarray | None = None,
                      n_pairs: int = N_PAIRS, n_permutations: int = N_PERMUTATIONS,
-                     image_moments: Moments | None = None, image_cosines: np.ndarray | None = None) -> dict:
+                     image_moments: Moments | None = None, image_cosines: np.ndarray | None = None,
+                     substitute_moments: Moments | None = None) -> dict:
     """Target-compatibility metrics of unit substitutes Z (n_z, d) against unit images X (n_x, d), unpaired.
 
     ``neighbours``: optional precomputed (q, k) kNN graph of ``vstack([X, Z])`` (self excluded) for the
     pooled rows ``query_rows`` (default: every row; see :func:`mixing_query_rows`), e.g. from an IVF
     index; default exact search of every row. ``image_moments`` / ``image_cosines`` may pass
-    :func:`moments` / :func:`pairwise_cosines` of X computed once for several substitute sets.
+    :func:`moments` / :func:`pairwise_cosines` of X computed once for several substitute sets;
+    ``image_moments`` / ``substitute_moments`` may also cover more rows than ``image`` / ``substitute`` (the
+    audit passes moments of every row and samples for the kNN and cosine metrics).
     ``q`` defaults to round(d / 10) as in :func:`anisogen.geometry.gap_report`.
 
-    Returns floats ``delta_mu``, ``G_Sigma``, ``C_lambda``, ``O_q`` (+ ``O_q_random`` = q/d), ``JS_cos``,
+    Returns ``n_image`` / ``n_substitute`` (rows of the samples) and ``n_image_total`` /
+    ``n_substitute_total`` (rows behind the moments), floats ``delta_mu``, ``G_Sigma``,
+    ``C_lambda``, ``O_q`` (+ ``O_q_random`` = q/d), ``JS_cos``,
     ``cos_mean`` (mean pairwise cosine of Z), ``M_k_Z``, ``M_k_X`` (+ raw / expected parts),
     ``nn_is_image_frac_Z`` (+ ``nn_is_image_chance`` = n_x / (n_x + n_z - 1), its value under random
     labels), and the curve ``covariance_spectrum`` (d,) of Z.
@@ -147,7 +152,7 @@ def unpaired_metrics(image: np.ndarray, substitute: np.ndarray, *, k: int = 20, 
     d = image.shape[1]
     q = max(1, round(d / 10)) if q is None else min(int(q), d)
     mx = image_moments if image_moments is not None else moments(image)
-    mz = moments(substitute)
+    mz = substitute_moments if substitute_moments is not None else moments(substitute)
     cov_x, cov_z = mx.covariance, mz.covariance
     cos_x = image_cosines if image_cosines is not None else pairwise_cosines(image, n_pairs=n_pairs, seed=seed)
     cos_z = pairwise_cosines(substitute, n_pairs=n_pairs, seed=seed)
@@ -155,6 +160,8 @@ def unpaired_metrics(image: np.ndarray, substitute: np.ndarray, *, k: int = 20, 
     out = {
         "n_image": n_x,
         "n_substitute": n_z,
+        "n_image_total": mx.count,
+        "n_substitute_total": mz.count,
         "d": d,
         "k": k,
         "q": q,

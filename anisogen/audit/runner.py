@@ -40,7 +40,11 @@ from .metrics import (
     pairwise_cosines, semantic_metrics, semantic_query_rows, split_scalars, unit_rows, unpaired_metrics,
 )
 
-from .defaults import METRIC_NAMES, PAIRED_METRICS, SEMANTIC_METRICS, UNPAIRED_METRICS  # noqa: E402,F401
+from .defaults import (  # noqa: F401
+    LIMIT, MAX_QUERIES, METRIC_NAMES, PAIRED_METRICS, PARALLEL_MIN_ROWS, SEMANTIC_METRICS, UNPAIRED_METRICS, VERIFY,
+    VERIFY_MODES,
+)
+from .workers import TaskPool
 #: Rows per set drawn into the PCA figure.
 PCA_ROWS = 1500
 
@@ -54,9 +58,9 @@ class AuditConfig:
     out: str
     paired: str | None = None
     labels: list[str] | None = None
-    max_samples: int | None = 100_000
+    max_samples: int | None = LIMIT
     paired_max_samples: int | None = 10_000
-    max_queries: int | None = 20_000
+    max_queries: int | None = MAX_QUERIES
     seed: int = 0
     k: int = 20
     q: int | None = None
@@ -72,6 +76,8 @@ class AuditConfig:
     source_baseline: bool = False
     fail_if: list[str] = field(default_factory=list)
     progress: bool = False
+    verify: str = VERIFY
+    workers: int = 1
 
 
 class Timer:
@@ -177,13 +183,7 @@ def run_audit(cfg: AuditConfig) -> dict:
     labels = _unique_labels(cfg.shards, cfg.labels)
 
     # ------------------------------------------------------------------ inputs
-    with timer.stage("load"):
-        images = load_images(cfg.images, max_samples=cfg.max_samples, seed=cfg.seed, skip_corrupt=cfg.skip_corrupt,
-                             progress=cfg.progress)
-        folders = [load_shard_folder(p, label=lab, max_samples=cfg.max_samples, seed=cfg.seed,
-                                     skip_corrupt=cfg.skip_corrupt, progress=cfg.progress)
-                   for p, lab in zip(cfg.shards, labels)]
-        paired = load_paired(cfg.paired, max_samples=cfg.paired_max_samples, seed=cfg.seed) if cfg.paired else None
+    images, folders, paired = _read_inputs(cfg, labels, timer)
     sets: list[EmbeddingSet] = [images, *folders] + (list(paired) if paired else [])
     d, fingerprint, warnings = check_consistency(sets)
     for s in sets:
@@ -202,7 +202,7 @@ def run_audit(cfg: AuditConfig) -> dict:
     # ------------------------------------------------------------- image side
     with timer.stage("moments"):
         x = _unit(images)
-        mx = moments(x)
+        mx = images.moments if images.moments is not None else moments(x)
         cos_x = pairwise_cosines(x, n_pairs=cfg.n_pairs, seed=cfg.seed)
     curves: dict[str, dict[str, np.ndarray]] = {"covariance_spectrum": {"images": covariance_spectrum(mx.covariance)},
                                                 "residual_spectrum": {}}
@@ -213,15 +213,16 @@ def run_audit(cfg: AuditConfig) -> dict:
     rows: list[dict] = []
     units: dict[str, np.ndarray] = {}
 
-    def audit_one(label: str, z: np.ndarray, raw: np.ndarray, src: np.ndarray | None) -> tuple[dict, dict]:
+    def audit_one(label: str, z: np.ndarray, raw: np.ndarray | dict, src: np.ndarray | None,
+                  mz=None) -> tuple[dict, dict]:
         _log(cfg, f"audit: {label}: kNN over {x.shape[0] + z.shape[0]} pooled rows")
         mix_rows = mixing_query_rows(x.shape[0], z.shape[0], cfg.max_queries, cfg.seed)
         pooled = _knn(cfg, np.concatenate([x, z], dtype=np.float32), timer, mix_rows)
         with timer.stage("metrics"):
             met = unpaired_metrics(x, z, k=cfg.k, seed=cfg.seed, q=cfg.q, neighbours=pooled.neighbours,
                                    query_rows=mix_rows, n_pairs=cfg.n_pairs, n_permutations=cfg.n_permutations,
-                                   image_moments=mx, image_cosines=cos_x)
-            met.update(norm_stats(raw))
+                                   image_moments=mx, image_cosines=cos_x, substitute_moments=mz)
+            met.update(raw if isinstance(raw, dict) else norm_stats(raw))
         knn_info = {"mixing": pooled.info}
         if src is not None:
             sem_rows = semantic_query_rows(z.shape[0], cfg.max_queries, cfg.seed)
@@ -237,7 +238,7 @@ def run_audit(cfg: AuditConfig) -> dict:
     for f in folders:
         z = _unit(f)
         y = _unit(f, "src") if f.src is not None else None
-        met, knn_info = audit_one(f.label, z, f.emb, y)
+        met, knn_info = audit_one(f.label, z, f.norms if f.norms is not None else f.emb, y, f.moments)
         scalars, arrays = split_scalars(met)
         curves["covariance_spectrum"][f.label] = arrays["covariance_spectrum"]
         cosines[f.label] = pairwise_cosines(z, n_pairs=cfg.n_pairs, seed=cfg.seed)
@@ -297,7 +298,7 @@ def run_audit(cfg: AuditConfig) -> dict:
         "versions": versions(),
         "d": d,
         "model_fingerprint": fingerprint,
-        "images": {**images.summary(), "metrics": norm_stats(images.emb), "skipped": images.skipped},
+        "images": {**images.summary(), "metrics": images.norms or norm_stats(images.emb), "skipped": images.skipped},
         "paired": paired_info,
         "folders": rows,
         "curves": curves,
@@ -316,9 +317,23 @@ def run_audit(cfg: AuditConfig) -> dict:
     with timer.stage("html"):
         atomic_write_bytes(out / "report.html", render_html(json_safe(report), figures, out).encode("utf-8"))
     report["timings"] = {**{k: round(v, 3) for k, v in timer.seconds.items()},
-                         "total": round(time.perf_counter() - total_start, 3)}
+                         "total": round(time.perf_counter() - total_start, 3),
+                         "scan_steps": {s.label: {k: round(v, 3) for k, v in s.seconds.items()}
+                                        for s in [images, *folders]}}
     atomic_write_json(out / "report.json", json_safe(report), indent=1)
     return report
+
+
+def _read_inputs(cfg: AuditConfig, labels: list[str], timer: Timer):
+    """Scan the images and every shard folder (in ``cfg.workers`` processes) and read the paired set."""
+    with timer.stage("scan"), TaskPool(cfg.workers, min_work=PARALLEL_MIN_ROWS) as pool:
+        common = dict(max_samples=cfg.max_samples, seed=cfg.seed, skip_corrupt=cfg.skip_corrupt,
+                      progress=cfg.progress, verify=cfg.verify, pool=pool)
+        images = load_images(cfg.images, **common)
+        folders = [load_shard_folder(p, label=lab, **common) for p, lab in zip(cfg.shards, labels)]
+    with timer.stage("paired"):
+        paired = load_paired(cfg.paired, max_samples=cfg.paired_max_samples, seed=cfg.seed) if cfg.paired else None
+    return images, folders, paired
 
 
 def make_figures(out: Path, rows: list[dict], curves: dict, cosines: dict, pca_groups: dict, *, k: int,

@@ -30,6 +30,7 @@ import torch
 
 from ..embedding_files import natural_key as _natural_key
 from ..embeddings import l2_normalize
+from ..fileid import LISTING_WINDOW, ReadFn, sample_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -78,25 +79,30 @@ def image_source_kind(path: str | os.PathLike) -> str:
     raise ValueError(f"{p!r} mixes file types {sorted(sufs)}; give .npy embeddings, images or .tar shards")
 
 
-def describe_image_source(path: str | os.PathLike) -> dict[str, Any]:
+def describe_image_source(path: str | os.PathLike, *, read: ReadFn | None = None) -> dict[str, Any]:
     """JSON identity of an image source for run configs, by content, not mtime (``touch`` keeps it).
 
-    Embedding files and image shards: each file's size and sampled sha256 (:func:`anisogen.fileid.sample_sha256`);
-    image folders: each file's path and size (reading every image to hash it would cost a pass over the folder).
+    Embedding files and image shards: each file's size and sampled sha256 over the first, middle and last
+    64 KiB (:func:`anisogen.fileid.sample_sha256` with :data:`~anisogen.fileid.LISTING_WINDOW`: at most 192 KiB
+    read per file, so thousands of shards cost seconds, not a pass over them). Blind spot: a same-size edit
+    that misses those three windows. Image folders: each file's path and size (reading every image to hash it
+    would cost a pass over the folder). ``read`` is passed on to ``sample_sha256`` (default: seek and read).
+    :func:`anisogen.generate.run.resolve` calls this on the main process only and shares the result.
     """
     import hashlib
-
-    from ..fileid import sample_sha256
 
     kind = image_source_kind(path)
     exts = {"npy": (".npy",), "folder": IMAGE_EXTS, "shards": (".tar",)}[kind]
     files = _expand(path, exts)
+    out: dict[str, Any] = {"path": os.path.abspath(os.fspath(path)), "kind": kind, "files": len(files)}
     if kind == "folder":
         listing = [[os.path.abspath(f), os.path.getsize(f)] for f in files]
     else:
-        listing = [[os.path.abspath(f), os.path.getsize(f), sample_sha256(f)] for f in files]
-    digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-    return {"path": os.path.abspath(os.fspath(path)), "kind": kind, "files": len(files), "listing_sha256": digest}
+        listing = [[os.path.abspath(f), os.path.getsize(f), sample_sha256(f, window=LISTING_WINDOW, read=read)]
+                   for f in files]
+        out["sample_window"] = LISTING_WINDOW
+    out["listing_sha256"] = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return out
 
 
 # ------------------------------------------------------------------------------------ precomputed

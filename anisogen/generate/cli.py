@@ -1,4 +1,5 @@
-"""Command-line front end of the generator (``pipelines/generate.py`` is a thin wrapper over :func:`main`)."""
+"""Command-line front end of the generator (``pipelines/generate.py`` and ``anisogen-generate``, through
+:mod:`anisogen.commands.generate`, are thin wrappers over :func:`main`)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ class HelpFormatter(argparse.HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="generate.py",
         description="Turn a text corpus into WebDataset shards of substitute image embeddings: "
                     "corpus -> CLIP text tower (trimmed, bucketed) -> aligner -> shard-XXXXXX.tar. "
                     "Resumable and exactly-once: rerun the same command after a crash. "

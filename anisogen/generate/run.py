@@ -3,7 +3,8 @@
 Stages (every process runs the same code; "main" = local process 0 of the accelerate group):
 
 1. **open**: load the CLIP model (:func:`anisogen.encode.load_clip`), open the corpus (main first, so the
-   Arrow cache is built once), resolve the config and its fingerprint.
+   Arrow cache is built once), resolve the config and its fingerprint (the inputs' content identities are
+   read by main only and shared with :meth:`Dist.from_main`).
 2. **resume check**: every process compares the fingerprint with ``manifest.json``; a different one is
    refused (:class:`ConfigMismatch`) unless ``overwrite``, which deletes the previous outputs. Main then
    writes a ``"running"`` manifest and removes stray temp files. Barrier.
@@ -95,6 +96,39 @@ class Dist:
         td.all_reduce(t)
         return t.cpu().numpy()
 
+    def from_main(self, compute: Callable[[], Any]) -> Any:
+        """``compute()`` run on the main process only; its (picklable) result on every process of the group.
+
+        Collective: every process must call it. An exception on the main process is raised there and, as the
+        same exception (or a ``RuntimeError`` naming it when it cannot be pickled), on the other processes,
+        so none of them waits forever.
+        """
+        if self.group_world == 1:
+            return compute()
+        import pickle
+
+        import torch.distributed as td
+
+        box: list[Any] = [None]
+        error: BaseException | None = None
+        if self.is_main:
+            try:
+                box[0] = ("ok", compute())
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the others have been told
+                error = exc
+                try:
+                    pickle.dumps(exc)
+                    box[0] = ("error", exc)
+                except Exception:  # noqa: BLE001
+                    box[0] = ("error", RuntimeError(f"main process failed: {type(exc).__name__}: {exc}"))
+        td.broadcast_object_list(box, src=0, device=self.state.device)
+        status, value = box[0]
+        if error is not None:
+            raise error
+        if status == "error":
+            raise value
+        return value
+
     @contextmanager
     def main_first(self):
         if not self.is_main:
@@ -137,13 +171,31 @@ def _dir_digest(directory: Path) -> str:
     return h.hexdigest()
 
 
-def resolve(cfg: GenerateConfig, corpus: Corpus, model_fingerprint: str, encoder: TextEncoder) -> dict[str, Any]:
-    """The fingerprinted, resolved config: output-affecting flags + what they point to."""
+def _input_identities(cfg: GenerateConfig, corpus: Corpus) -> dict[str, Any]:
+    """Content identities of the inputs (corpus files, image source, ``--aligner-dir``): the part of
+    :func:`resolve` that reads files."""
     from ..encode.images import describe_image_source
 
+    out: dict[str, Any] = {"corpus_resolved": corpus.describe()}
+    if cfg.images:
+        out["images_resolved"] = describe_image_source(cfg.images)
+    if cfg.aligner_dir:
+        out["aligner_dir_sha256"] = _dir_digest(Path(cfg.aligner_dir))
+    return out
+
+
+def resolve(cfg: GenerateConfig, corpus: Corpus, model_fingerprint: str, encoder: TextEncoder, *,
+            dist: Dist | None = None) -> dict[str, Any]:
+    """The fingerprinted, resolved config: output-affecting flags + what they point to.
+
+    With ``dist`` (collective: every process calls it) the input files are read by the main process only and
+    their identities shared with the others (:meth:`Dist.from_main`); without it this process reads them.
+    """
+    ids = dist.from_main(partial(_input_identities, cfg, corpus)) if dist is not None else \
+        _input_identities(cfg, corpus)
     out = cfg.output_config()
     out.pop("corpus")
-    out["corpus_resolved"] = corpus.describe()
+    out["corpus_resolved"] = ids["corpus_resolved"]
     out["corpus_kind"] = corpus.kind
     out["model_fingerprint"] = model_fingerprint
     out["precision"] = encoder.precision
@@ -153,10 +205,9 @@ def resolve(cfg: GenerateConfig, corpus: Corpus, model_fingerprint: str, encoder
     out["align_path"] = ALIGN_PATH
     out.pop("images")
     out.pop("aligner_dir")
-    if cfg.images:
-        out["images_resolved"] = describe_image_source(cfg.images)
-    if cfg.aligner_dir:
-        out["aligner_dir_sha256"] = _dir_digest(Path(cfg.aligner_dir))
+    for key in ("images_resolved", "aligner_dir_sha256"):
+        if key in ids:
+            out[key] = ids[key]
     return out
 
 
@@ -393,7 +444,7 @@ def _open_inputs(run: _Run) -> None:
 def _start_or_resume(run: _Run) -> None:
     """Resume check (read-only everywhere), then main clears or opens the folder with a "running" manifest."""
     cfg, dist, out = run.cfg, run.dist, run.out
-    resolved = resolve(cfg, run.corpus, run.model_fingerprint, run.encoder)
+    resolved = resolve(cfg, run.corpus, run.model_fingerprint, run.encoder, dist=dist)
     mode = check_resume(cfg, out, resolved)
     dist.barrier()
     num_rows = run.corpus.num_rows
@@ -430,7 +481,8 @@ def _aligner_step(run: _Run):
     aligner = fit_or_load_aligner(cfg, run.dist, run.out, run.corpus, run.encoder, model, preprocess,
                                   run.model_fingerprint, progress=run.progress, on_event=run.on_event)
     aligner_dir = Path(cfg.aligner_dir) if cfg.aligner_dir else run.out / ALIGNER_DIRNAME
-    run.header["aligner"] = {"name": aligner.name, "fingerprint": _dir_digest(aligner_dir),
+    digest = run.dist.from_main(partial(_dir_digest, aligner_dir))
+    run.header["aligner"] = {"name": aligner.name, "fingerprint": digest,
                              "dir": ALIGNER_DIRNAME if not cfg.aligner_dir else os.path.abspath(cfg.aligner_dir),
                              "params": aligner.params}
     return aligner

@@ -52,7 +52,8 @@ def load_manifest(folder: str | os.PathLike, *, require_complete: bool = True) -
     """
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME}; not a generated shard folder (or the run never started)")
+        raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME}; not a generated shard folder "
+                                "(or the run never started)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -424,6 +425,22 @@ def iter_raw_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
         _close_map(f, mm)
 
 
+def shard_members(path: str | os.PathLike) -> list[tuple[str, str, int, int]]:
+    """``[(key, extension, payload offset, size), ...]`` of one tar's regular members, in tar order, after the
+    structure checks of :func:`iter_shard` (the one ustar walker of the package; payloads are not decoded).
+
+    For indexes and key counts (the trainer's). Raises :class:`ShardFormatError` for an empty, truncated or
+    malformed tar (not a tar at all, bad checksum, pax/GNU headers, a member without an extension, a
+    duplicate member), ``OSError`` when the file cannot be opened. A valid tar without members gives ``[]``.
+    """
+    shard = str(path)
+    f, mm = _open_map(path)
+    try:
+        return [(key, ext, off, size) for key, members in _walk_tar(mm, shard) for ext, (off, size) in members.items()]
+    finally:
+        _close_map(f, mm)
+
+
 @dataclass
 class ShardColumns:
     """Columns of one shard from :func:`read_shard`; fields that were not requested are ``None``."""
@@ -480,6 +497,79 @@ def _gather_embeddings(mm, u8: np.ndarray, shard: str, keys: list[str], locs: li
     return out
 
 
+class ShardView:
+    """One open shard whose tar structure has been checked (headers, checksums, truncation, duplicate
+    members); columns are decoded on demand, for every sample or only for some rows.
+
+    ``with ShardView(path) as view: view.keys, len(view), view.column("emb", dim=512), view.column("json",
+    rows=[3, 7])``. Opening raises :class:`ShardFormatError` for a structural problem (the shard as a
+    whole is unusable); :meth:`column` raises it for a sample whose member is missing or malformed.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.shard = str(path)
+        self._f, self._mm = _open_map(path)
+        try:
+            self._samples = _walk_tar(self._mm, self.shard)
+        except BaseException:
+            _close_map(self._f, self._mm)
+            raise
+        self.keys = [k for k, _ in self._samples]
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __enter__(self) -> "ShardView":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._mm is not None:
+            _close_map(self._f, self._mm)
+            self._mm = None
+
+    def column(self, field: str, *, rows: Sequence[int] | np.ndarray | None = None, dim: int | None = None):
+        """``field`` (``emb``/``src``: float32 (n, d); ``txt``: list of str; ``json``: list of dict) of the
+        samples at ``rows`` (sorted positions in the shard; None = every sample), validated as in
+        :func:`~anisogen.shards.decode.decode_sample`."""
+        (field,) = check_fields((field,))
+        mm, shard, ext = self._mm, self.shard, FIELD_EXT[field]
+        picked = self._samples if rows is None else [self._samples[int(i)] for i in rows]
+        keys = [k for k, _ in picked]
+        locs = [m.get(ext) for _, m in picked]
+        if None in locs:
+            raise missing_member(shard, keys[locs.index(None)], ext)
+        if field in ("emb", "src"):
+            u8 = np.frombuffer(mm, dtype=np.uint8)
+            try:
+                return _gather_embeddings(mm, u8, shard, keys, locs, ext, dim)
+            finally:
+                del u8
+        if field == "txt":
+            try:
+                return [mm[o:o + s].decode("utf-8") for o, s in locs]
+            except UnicodeDecodeError:  # name the sample
+                return [decode_text(mm[o:o + s], shard=shard, key=k) for k, (o, s) in zip(keys, locs)]
+        try:
+            loads = json.loads
+            objs = [loads(mm[o:o + s].decode("utf-8")) for o, s in locs]
+            if not all(type(x) is dict for x in objs):
+                raise ValueError
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError too: name the sample
+            objs = [decode_json(mm[o:o + s], shard=shard, key=k) for k, (o, s) in zip(keys, locs)]
+        return objs
+
+    def raw(self, i: int) -> dict[str, Any]:
+        """Sample ``i`` as raw member bytes ``{"__key__", "__url__", ext: bytes, ...}``."""
+        key, members = self._samples[int(i)]
+        out: dict[str, Any] = {"__key__": key, "__url__": self.shard}
+        for ext, (o, size) in members.items():
+            out[ext] = self._mm[o:o + size]
+        return out
+
+
 def read_shard(path: str | os.PathLike, *, fields: Sequence[str] = ("emb",), dim: int | None = None) -> ShardColumns:
     """Columns of one tar (see :class:`ShardColumns`) with the validation of :func:`iter_shard`.
 
@@ -487,39 +577,11 @@ def read_shard(path: str | os.PathLike, *, fields: Sequence[str] = ("emb",), dim
     memory map when all members share one .npy header (the generator's layout); ``txt``/``json`` as lists.
     """
     fields = check_fields(fields)
-    shard = str(path)
-    f, mm = _open_map(path)
-    u8 = None
-    try:
-        samples = _walk_tar(mm, shard)
-        keys = [k for k, _ in samples]
-        cols = ShardColumns(shard=shard, keys=keys)
-        u8 = np.frombuffer(mm, dtype=np.uint8)
+    with ShardView(path) as view:
+        cols = ShardColumns(shard=view.shard, keys=view.keys)
         for field in fields:
-            ext = FIELD_EXT[field]
-            locs = [m.get(ext) for _, m in samples]
-            if None in locs:
-                raise missing_member(shard, keys[locs.index(None)], ext)
-            if field in ("emb", "src"):
-                setattr(cols, field, _gather_embeddings(mm, u8, shard, keys, locs, ext, dim))
-            elif field == "txt":
-                try:
-                    cols.txt = [mm[o:o + s].decode("utf-8") for o, s in locs]
-                except UnicodeDecodeError:  # name the sample
-                    cols.txt = [decode_text(mm[o:o + s], shard=shard, key=k) for k, (o, s) in zip(keys, locs)]
-            else:
-                try:
-                    loads = json.loads
-                    objs = [loads(mm[o:o + s].decode("utf-8")) for o, s in locs]
-                    if not all(type(x) is dict for x in objs):
-                        raise ValueError
-                except ValueError:  # JSONDecodeError and UnicodeDecodeError too: name the sample
-                    objs = [decode_json(mm[o:o + s], shard=shard, key=k) for k, (o, s) in zip(keys, locs)]
-                cols.json = objs
+            setattr(cols, field, view.column(field, dim=dim))
         return cols
-    finally:
-        del u8
-        _close_map(f, mm)
 
 
 def _paths(source, require_complete: bool) -> Iterable:

@@ -240,7 +240,8 @@ def sample_members(
     missing = set(META_KEYS) - set(meta)
     extra = set(meta) - set(META_KEYS)
     if missing or extra:
-        raise ValueError(f"sample {key}: json metadata keys mismatch (missing {sorted(missing)}, extra {sorted(extra)})")
+        raise ValueError(f"sample {key}: json metadata keys mismatch (missing {sorted(missing)}, "
+                         f"extra {sorted(extra)})")
     sample: dict[str, Any] = {
         "__key__": key,
         TEXT_EXT: text.encode("utf-8"),

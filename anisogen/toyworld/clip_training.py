@@ -31,29 +31,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .clip_config import TrainConfig  # defined there, free of torch (train_toyclip.py --help)
 from .quality import EvalSet, build_eval_set, encode_text_trimmed, evaluate_clip, pixels_to_tensor
 from .render import render_array
 from .scenes import sample_scenes
 from .text import STYLES, caption_records, describes_matrix, encode_claims, encode_scenes
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of :func:`train_toyclip` (all recorded in the weights' metadata)."""
-
-    model: str = "toy"
-    n_scenes: int = 60_000
-    caption_seeds: int = 1
-    steps: int = 3000
-    batch_size: int = 128
-    lr: float = 1.5e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.1
-    warmup: int = 150
-    seed: int = 0
-    eval_every: int = 250
-    eval_pairs: int = 2000
-    threads: int = 1
 
 
 @dataclass

@@ -40,6 +40,18 @@ REPORT_TO_HELP = ("experiment trackers through accelerate: 'auto' (TensorBoard, 
                   "installed and configured by WANDB_API_KEY / WANDB_MODE / MLFLOW_TRACKING_URI), 'none', or a "
                   "comma-separated list of tensorboard,wandb,mlflow,...")
 
+# Help texts and choices the command line needs, kept here (free of torch) so that ``--help`` is instant;
+# anisogen.train.projector and anisogen.train.methods.app import them from here.
+PROJECTOR_KINDS_HELP = "linear | mlp{N}x_gelu (e.g. mlp2x_gelu, LLaVA layout) | expand{k} (k tokens per vector)"
+#: APP's treatment of 1-D tensors (``merge.py --bias``, ``AppConfig.bias_policy``).
+BIAS_POLICIES = ("full", "drop", "scale")
+#: The APP merge rules (``merge.py --app``, ``--post app:SPEC``).
+APP_SPEC_HELP = (
+    "energy:F (keep the smallest k explaining fraction F of sum(sigma^2), default energy:0.8) | "
+    "ratio:R (k = floor(rank * R), e.g. ratio:0.25) | naive (plain task vector) | ties:D (keep the "
+    "fraction D of largest-magnitude task-vector entries)"
+)
+
 
 @dataclass
 class TrainConfig:

@@ -22,10 +22,11 @@ import re
 import torch
 from torch import nn
 
+from .config import PROJECTOR_KINDS_HELP
+
 _MLP_RE = re.compile(r"^mlp(\d+)x_gelu$")
 _EXPAND_RE = re.compile(r"^expand(\d+)$")
 
-PROJECTOR_KINDS_HELP = "linear | mlp{N}x_gelu (e.g. mlp2x_gelu, LLaVA layout) | expand{k} (k tokens per vector)"
 
 
 class Projector(nn.Sequential):

@@ -8,7 +8,8 @@ name is re-exported here, so ``from anisogen.train.data import X`` is the import
 
 Samples of generator shards are read through :func:`shard_samples` / :func:`decode_embedding`, so
 the trainer can switch to the shared ``anisogen.shards.reader`` in one place; the only other tar
-access is ``shard_stream.tar_members`` (member offsets: counting keys, the stage-2 store's index).
+access is ``shard_stream.tar_members`` (member offsets: counting keys, the stage-2 store's index), which
+walks the tar headers with ``anisogen.shards.reader.shard_members``.
 
 Stage 1 samples (shards, schema of ``anisogen.shards``): ``__key__``, ``txt`` (caption, UTF-8),
 ``emb.npy`` ((d,) or (n, d); float16/float32, or uint16 holding bfloat16 bits), optional ``json``.

@@ -1,7 +1,9 @@
 """Stage 1: generator shards -- listing, sizes, provenance, and the raw sample stream.
 
 Samples are read through :func:`shard_samples`, so the reader can be swapped in one place;
-:func:`tar_members` lists member offsets (key counts, the stage-2 store's on-demand index). The classes at the end are picklable webdataset stages (pipelines must pickle under spawn).
+:func:`tar_members` lists member offsets (key counts, the stage-2 store's on-demand index) with the shards
+package's ustar walker (:func:`anisogen.shards.reader.shard_members`). The classes at the end are picklable
+webdataset stages (pipelines must pickle under spawn).
 """
 
 from __future__ import annotations
@@ -120,29 +122,25 @@ def _count_tar_samples(url: str) -> int:
 
 def tar_members(url: str) -> list[tuple[str, str, int, int]]:
     """``[(key, extension, data offset, size)]`` of the regular files in a tar, in tar order (webdataset
-    key rules: the key is the path up to the first dot of the file name).
+    key rules: the key is the path up to the first dot of the file name), from the shards package's
+    ustar walker (:func:`anisogen.shards.reader.shard_members`: header checksums, truncation, duplicate
+    members are checked; pax/GNU extension headers are refused).
 
-    Raises :class:`SampleError` naming the file when it is missing, truncated or not a tar."""
-    import tarfile
-
-    from webdataset.tariterators import base_plus_ext
+    Raises :class:`SampleError` naming the file when it is missing, truncated, not a tar or holds no
+    members."""
+    from ...shards.decode import ShardFormatError
+    from ...shards.reader import shard_members
 
     if not os.path.isfile(url):
         raise SampleError(f"missing shard file {url}")
-    out = []
     try:
-        with tarfile.open(url, "r:") as tf:
-            for m in tf:
-                if not m.isreg():
-                    continue
-                key, ext = base_plus_ext(m.name)
-                if key is None:
-                    continue
-                out.append((key, ext, int(m.offset_data), int(m.size)))
-                if m.offset_data + m.size > os.path.getsize(url):
-                    raise tarfile.ReadError(f"member {m.name} runs past the end of the file")
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise SampleError(f"corrupt or unreadable shard {url} (truncated or not a tar): {type(exc).__name__}: {exc}") from None
+        out = shard_members(url)
+    except ShardFormatError as exc:
+        raise SampleError(f"corrupt or unreadable shard {url} (truncated or not a tar): sample {exc.key}: "
+                          f"{exc.reason}") from None
+    except OSError as exc:
+        raise SampleError(f"corrupt or unreadable shard {url} (truncated or not a tar): {type(exc).__name__}: "
+                          f"{exc}") from None
     if not out:
         raise SampleError(f"shard {url} holds no samples (empty or not a tar)")
     return out

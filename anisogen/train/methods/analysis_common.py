@@ -42,7 +42,8 @@ def plot_lines(series: Mapping[str, Sequence[float]], path: str | Path, *, title
 
 def load_pairs(*, shards: str | None = None, embeddings: str | None = None, texts: str | None = None,
                limit: int = 64) -> tuple[list, list[str]]:
-    """(embeddings, texts) pairs from shards (folder / .tar / glob with ``emb.npy`` + ``txt``) or a ``.npy`` (N, d)
+    """(embeddings, texts) pairs from shards (folder / .tar / glob with ``emb.npy`` + ``txt``) or embedding
+    ``.npy`` files (N, d) read by :func:`anisogen.embedding_files.open_embeddings` (a file, folder or glob)
     plus a text file with one line per row. At most ``limit`` pairs."""
     import numpy as np
 
@@ -61,14 +62,16 @@ def load_pairs(*, shards: str | None = None, embeddings: str | None = None, text
         return embs, txts
     if embeddings is None:
         raise ValueError("give shards or embeddings (+ texts)")
-    arr = np.load(embeddings, allow_pickle=False)
-    if arr.ndim != 2:
-        raise ValueError(f"{embeddings}: expected an (N, d) array, got shape {arr.shape}")
-    lines = Path(texts).read_text(encoding="utf-8").splitlines() if texts else [""] * arr.shape[0]
-    if len(lines) != arr.shape[0]:
-        raise ValueError(f"{texts}: {len(lines)} lines for {arr.shape[0]} embeddings in {embeddings}")
-    n = min(limit, arr.shape[0])
-    return [arr[i].astype(np.float32) for i in range(n)], lines[:n]
+    from ...embedding_files import open_embeddings
+
+    # EmbeddingFileError (a ValueError) naming the file: missing, not a .npy, not (N, d), unsupported dtype
+    source = open_embeddings(embeddings)
+    lines = Path(texts).read_text(encoding="utf-8").splitlines() if texts else [""] * source.count
+    if len(lines) != source.count:
+        raise ValueError(f"{texts}: {len(lines)} lines for {source.count} embeddings in {embeddings}")
+    n = min(limit, source.count)
+    rows = source.head(n, dtype=np.float32)  # only these rows are read (NaN/Inf refused, naming file and row)
+    return list(rows), lines[:n]
 
 
 def emb_tensor(exported, embs) -> torch.Tensor:

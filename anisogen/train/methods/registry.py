@@ -272,7 +272,7 @@ def options_help() -> str:
     for m in METHODS.values():
         lines.append(f"  {m.name}: {m.description}")
         for k, (d, h) in m.options.items():
-            lines.append(f"      --opt {k}=VALUE  {h} (default {d!r})")
+            lines.append(f"      --param {k}=VALUE  {h} (default {d!r})")
         lines += [f"      default {line}" for line in format_defaults(m).splitlines()]
     lines.append("post-processors (--post NAME[:SPEC]):")
     for p in POSTPROCESSORS.values():

@@ -9,14 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-MODES = ("energy", "ratio", "naive", "ties")
-BIAS_POLICIES = ("full", "drop", "scale")
+from ...config import APP_SPEC_HELP, BIAS_POLICIES  # defined there, free of torch (for --help)
 
-APP_SPEC_HELP = (
-    "energy:F (keep the smallest k explaining fraction F of sum(sigma^2), default energy:0.8) | "
-    "ratio:R (k = floor(rank * R), e.g. ratio:0.25) | naive (plain task vector) | ties:D (keep the "
-    "fraction D of largest-magnitude task-vector entries)"
-)
+MODES = ("energy", "ratio", "naive", "ties")
 
 
 @dataclass
