@@ -85,3 +85,21 @@ def manifest_core(folder: Path) -> list[tuple]:
     """The deterministic part of the manifest's shard entries."""
     m = json.loads((Path(folder) / "manifest.json").read_text())
     return [(e["name"], e["nsamples"], e["sha256"], e["key_first"], e["key_last"], e["rejects"]) for e in m["shards"]]
+
+
+def test_progress_postfix_counts_the_rejects_of_every_process(tmp_path):
+    """The main process's bar reads every process's completion records (each once), not only its own."""
+    from anisogen.generate.run import _Progress
+    from anisogen.shards.schema import RECORDS_DIRNAME
+
+    records = tmp_path / RECORDS_DIRNAME
+    records.mkdir()
+    bar = _Progress(True, total=400, out=tmp_path, sps=100)
+    for task, rejects in ((0, 3), (1, 4)):  # e.g. written by rank 0 and rank 1
+        (records / f"shard-{task:06d}.json").write_text(json.dumps({"task": task, "rejects": rejects}))
+    bar.update(force=True)
+    assert bar.bar.n == 200 and bar.bar.postfix == "shards=2, rejects=7"
+    (records / "shard-000002.json").write_text(json.dumps({"task": 2, "rejects": 1}))
+    bar.update(force=True)
+    assert bar.bar.n == 300 and bar.bar.postfix == "shards=3, rejects=8"  # old records are not counted twice
+    bar.close()

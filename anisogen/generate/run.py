@@ -338,33 +338,44 @@ def fit_or_load_aligner(cfg: GenerateConfig, dist: Dist, out: Path, corpus: Corp
 
 # ------------------------------------------------------------------------------------ progress
 class _Progress:
-    """Main-process tqdm over input rows, advanced from the completion records of all processes."""
+    """Main-process tqdm over input rows, advanced from the completion records of all processes; its postfix
+    counts the shards and the rejects of every process (each record is read once)."""
 
     def __init__(self, enabled: bool, total: int | None, out: Path, sps: int):
         self.bar = None
         self.out, self.sps, self.last = out, sps, 0.0
-        self.extra: dict | None = None
+        self.seen: set[str] = set()
+        self.rejects = 0
         if enabled:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, unit="sample", desc="generate", smoothing=0.1)
 
-    def update(self, force: bool = False, extra: dict | None = None) -> None:
+    def _read_new_records(self, files: list[Path]) -> None:
+        for f in files:
+            if f.name in self.seen:
+                continue
+            try:  # records are published atomically; an unreadable one is retried at the next update
+                self.rejects += int(json.loads(f.read_text(encoding="utf-8")).get("rejects", 0))
+            except (OSError, ValueError):
+                continue
+            self.seen.add(f.name)
+
+    def update(self, force: bool = False) -> None:
         if self.bar is None:
             return
-        if extra:
-            self.extra = extra
         now = time.monotonic()
         if not force and now - self.last < 0.5:
             return
         self.last = now
-        done = len(list((self.out / RECORDS_DIRNAME).glob("shard-*.json"))) * self.sps
+        files = list((self.out / RECORDS_DIRNAME).glob("shard-*.json"))
+        self._read_new_records(files)
+        done = len(files) * self.sps
         if self.bar.total is not None:
             done = min(done, self.bar.total)
         if done > self.bar.n:
             self.bar.update(done - self.bar.n)
-        if self.extra:
-            self.bar.set_postfix(self.extra, refresh=False)
+        self.bar.set_postfix({"shards": len(files), "rejects": self.rejects}, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -538,8 +549,7 @@ def _record_callback(run: _Run, own: dict, bar: "_Progress") -> Callable[[dict],
         own["shards"] += 1
         own["samples"] += rec["nsamples"]
         own["rejects"] += rec["rejects"]
-        label = "rejects" if run.dist.world == 1 else "rejects (this rank)"  # other ranks' are in their records
-        bar.update(extra={"shards": own["shards"], label: own["rejects"]})
+        bar.update()
         if run.dist.is_main and time.monotonic() - last_manifest[0] > run.cfg.manifest_interval_s:
             writer.assemble(run.out, run.header, writer.list_records(run.out), complete=False)
             last_manifest[0] = time.monotonic()
