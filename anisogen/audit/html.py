@@ -128,7 +128,10 @@ def render_html(report: Mapping, figures: Sequence[tuple[str, str, str]], out_di
     parts.append(f"<p>Substitutes Z of each shard folder against the unpaired image embeddings X "
                  f"(k = {settings['k']}, q = {rows[0].get('q', '—') if rows else '—'}). Best value per column in "
                  f"green; cells failing a gate in red. Φ, Ψ, Ω<sub>k</sub> compare Z with the source text "
-                 f"embeddings stored in <code>src.npy</code>.</p>")
+                 f"embeddings stored in <code>src.npy</code>. Δμ, G<sub>Σ</sub>, C<sub>λ</sub>, O<sub>q</sub> and "
+                 f"the norms cover every row; the kNN and pairwise-cosine columns a seeded sample of "
+                 f"{html.escape(str(settings.get('max_samples') or 'all'))} rows per input (see Inputs); shards "
+                 f"verified: {html.escape(str(settings.get('verify', '—')))}.</p>")
     parts.append(metrics_table(rows, TABLE_COLUMNS, failed))
     if any("paired_Phi" in r for r in rows):
         parts.append("<h2>Paired evaluation set</h2>")
