@@ -18,7 +18,6 @@ import math
 import platform
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from .defaults import (  # noqa: F401
     LIMIT, MAX_QUERIES, METRIC_NAMES, PAIRED_METRICS, PARALLEL_MIN_ROWS, SEMANTIC_METRICS, UNPAIRED_METRICS, VERIFY,
     VERIFY_MODES,
 )
+from .scan import Timer
 from .workers import TaskPool
 #: Rows per set drawn into the PCA figure.
 PCA_ROWS = 1500
@@ -78,21 +78,6 @@ class AuditConfig:
     progress: bool = False
     verify: str = VERIFY
     workers: int = 1
-
-
-class Timer:
-    """Accumulates wall seconds per stage name."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def versions() -> dict:

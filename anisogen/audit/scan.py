@@ -37,6 +37,21 @@ from ..stats import Moments
 ZERO_NORM = 1e-12
 
 
+class Timer:
+    """Accumulates wall seconds per stage name (the audit's stages, and the steps of a scan task)."""
+
+    def __init__(self, seconds: dict[str, float] | None = None) -> None:
+        self.seconds: dict[str, float] = {} if seconds is None else seconds
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
 @dataclass
 class NormStats:
     """Streaming statistics of row L2 norms (count, mean, M2 as in Chan et al.'s parallel variance, min, max,
@@ -96,13 +111,9 @@ class ScanPart:
         if self.emb is None:
             self.emb = np.zeros((0, self.dim), dtype=np.float32)
 
-    @contextmanager
     def timed(self, step: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - start
+        """Add the wall seconds of a ``with`` block to ``seconds[step]`` (:class:`Timer`)."""
+        return Timer(self.seconds).stage(step)
 
     def add_rows(self, rows: np.ndarray) -> np.ndarray:
         """Add float32 (n, d) rows as stored (finite) to the moments (as unit rows) and the norm statistics.
