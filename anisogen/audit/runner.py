@@ -187,7 +187,7 @@ def run_audit(cfg: AuditConfig) -> dict:
     # ------------------------------------------------------------- image side
     with timer.stage("moments"):
         x = _unit(images)
-        mx = images.moments if images.moments is not None else moments(x)
+        mx = images.moments  # every row, from the scan
         cos_x = pairwise_cosines(x, n_pairs=cfg.n_pairs, seed=cfg.seed)
     curves: dict[str, dict[str, np.ndarray]] = {"covariance_spectrum": {"images": covariance_spectrum(mx.covariance)},
                                                 "residual_spectrum": {}}
@@ -198,7 +198,7 @@ def run_audit(cfg: AuditConfig) -> dict:
     rows: list[dict] = []
     units: dict[str, np.ndarray] = {}
 
-    def audit_one(label: str, z: np.ndarray, raw: np.ndarray | dict, src: np.ndarray | None,
+    def audit_one(label: str, z: np.ndarray, norms: dict, src: np.ndarray | None,
                   mz=None) -> tuple[dict, dict]:
         _log(cfg, f"audit: {label}: kNN over {x.shape[0] + z.shape[0]} pooled rows")
         mix_rows = mixing_query_rows(x.shape[0], z.shape[0], cfg.max_queries, cfg.seed)
@@ -207,7 +207,7 @@ def run_audit(cfg: AuditConfig) -> dict:
             met = unpaired_metrics(x, z, k=cfg.k, seed=cfg.seed, q=cfg.q, neighbours=pooled.neighbours,
                                    query_rows=mix_rows, n_pairs=cfg.n_pairs, n_permutations=cfg.n_permutations,
                                    image_moments=mx, image_cosines=cos_x, substitute_moments=mz)
-            met.update(raw if isinstance(raw, dict) else norm_stats(raw))
+            met.update(norms)
         knn_info = {"mixing": pooled.info}
         if src is not None:
             sem_rows = semantic_query_rows(z.shape[0], cfg.max_queries, cfg.seed)
@@ -223,7 +223,7 @@ def run_audit(cfg: AuditConfig) -> dict:
     for f in folders:
         z = _unit(f)
         y = _unit(f, "src") if f.src is not None else None
-        met, knn_info = audit_one(f.label, z, f.norms if f.norms is not None else f.emb, y, f.moments)
+        met, knn_info = audit_one(f.label, z, f.norms, y, f.moments)
         scalars, arrays = split_scalars(met)
         curves["covariance_spectrum"][f.label] = arrays["covariance_spectrum"]
         cosines[f.label] = pairwise_cosines(z, n_pairs=cfg.n_pairs, seed=cfg.seed)
@@ -239,7 +239,7 @@ def run_audit(cfg: AuditConfig) -> dict:
         pca_groups["source text"] = y0
         if cfg.source_baseline:
             f0 = next(f for f in folders if f.label == source_label)
-            met, knn_info = audit_one("source text", y0, f0.src, None)
+            met, knn_info = audit_one("source text", y0, norm_stats(f0.src), None)  # src: the sampled rows
             scalars, _ = split_scalars(met)
             rows.append({"label": f"source text ({source_label})", "path": f0.path, "n_sampled": f0.n,
                          "n_total": f0.n_total, "metrics": scalars, "knn": knn_info, "reference": True})
@@ -283,7 +283,7 @@ def run_audit(cfg: AuditConfig) -> dict:
         "versions": versions(),
         "d": d,
         "model_fingerprint": fingerprint,
-        "images": {**images.summary(), "metrics": images.norms or norm_stats(images.emb), "skipped": images.skipped},
+        "images": {**images.summary(), "metrics": images.norms, "skipped": images.skipped},
         "paired": paired_info,
         "folders": rows,
         "curves": curves,
