@@ -331,9 +331,14 @@ def _scan_npy(source: "_ef.EmbeddingFiles", max_samples: int | None, seed: int, 
     norms of all rows, the seeded sample kept. Any bad row is an :class:`AuditInputError` naming file and row."""
     positions = sample_positions(source.count, max_samples, seed)
     keep = np.arange(source.count) if positions is None else positions
-    tasks = [RowsTask(path=str(source.path), lo=lo, hi=min(lo + ROWS_PER_TASK, source.count),
-                      keep=_between(keep, lo, lo + ROWS_PER_TASK))
-             for lo in range(0, source.count, ROWS_PER_TASK)]
+    starts = source.starts
+    tasks = []
+    for lo in range(0, source.count, ROWS_PER_TASK):
+        hi = min(lo + ROWS_PER_TASK, source.count)
+        first = int(np.searchsorted(starts, lo, side="right")) - 1  # the files holding rows [lo, hi)
+        last = int(np.searchsorted(starts, hi, side="left"))
+        tasks.append(RowsTask(files=tuple(str(f) for f in source.files[first:last]), offset=int(starts[first]),
+                              lo=lo, hi=hi, keep=_between(keep, lo, hi)))
     parts = []
     with _pool_or_local(pool) as run:
         for part in run.imap(scan_rows, tasks, desc=f"scan {label}", unit="task", progress=progress,

@@ -273,26 +273,29 @@ def _scan_samples(view: ShardView, task: ShardTask, part: ScanPart) -> None:
 # ------------------------------------------------------------------------------------ .npy files
 @dataclass(frozen=True)
 class RowsTask:
-    """Global rows ``[lo, hi)`` of the embedding file / folder ``path``; ``keep``: sorted sampled global rows."""
+    """Global rows ``[lo, hi)`` of an embedding source; ``files``: the ``.npy`` files those rows lie in (in
+    order), ``offset``: the global row of the first of them; ``keep``: sorted sampled global rows."""
 
-    path: str
+    files: tuple[str, ...]
+    offset: int
     lo: int
     hi: int
     keep: np.ndarray
 
 
 def scan_rows(task: RowsTask) -> ScanPart:
-    """Scan a row range of ``.npy`` embeddings (read through :mod:`anisogen.embedding_files`); a NaN/Inf or
-    all-zero row is a problem naming the file and row."""
+    """Scan a row range of ``.npy`` embeddings (read through :mod:`anisogen.embedding_files`, opening only the
+    task's files); a NaN/Inf or all-zero row is a problem naming the file and row."""
     from ..embedding_files import EmbeddingFileError, open_embeddings
 
     part = ScanPart(0)
     try:
-        source = open_embeddings(task.path)
+        source = open_embeddings(list(task.files))
         part = ScanPart(source.dim)
         kept, keys = [], []
         with part.timed("read"):
-            for file, start, glob_start, chunk in source.iter_range(task.lo, task.hi):
+            for file, start, local_start, chunk in source.iter_range(task.lo - task.offset, task.hi - task.offset):
+                glob_start = task.offset + local_start
                 zero = part.add_rows(chunk)
                 if zero.size:
                     return part.problem(None, f"{file.name}:{start + int(zero[0])}",
