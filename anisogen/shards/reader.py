@@ -394,35 +394,18 @@ def iter_shard(path: str | os.PathLike, *, fields: Sequence[str] = ("emb",), dim
     :func:`~anisogen.shards.decode.decode_sample` (``dim``: required embedding dimension).
     """
     fields = check_fields(fields)
-    shard = str(path)
-    f, mm = _open_map(path)
-    try:
-        samples = _walk_tar(mm, shard)
-        exts = [FIELD_EXT[x] for x in fields]
-        for key, members in samples:
-            raw = {}
-            for ext in exts:
-                loc = members.get(ext)
-                if loc is not None:
-                    raw[ext] = mm[loc[0]:loc[0] + loc[1]]
-            yield decode_sample(raw, shard=shard, key=key, fields=fields, dim=dim)
-    finally:
-        _close_map(f, mm)
+    exts = [FIELD_EXT[x] for x in fields]
+    with ShardView(path) as view:
+        for i, key in enumerate(view.keys):
+            yield decode_sample(view.raw(i, exts), shard=view.shard, key=key, fields=fields, dim=dim)
 
 
 def iter_raw_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """Raw samples of one tar through the fast reader: ``{"__key__", "__url__", ext: bytes, ...}`` (the same
     dicts as :func:`iter_tar_samples`, after the structure checks of :func:`iter_shard`)."""
-    shard = str(path)
-    f, mm = _open_map(path)
-    try:
-        for key, members in _walk_tar(mm, shard):
-            raw: dict[str, Any] = {"__key__": key, "__url__": shard}
-            for ext, (o, size) in members.items():
-                raw[ext] = mm[o:o + size]
-            yield raw
-    finally:
-        _close_map(f, mm)
+    with ShardView(path) as view:
+        for i in range(len(view)):
+            yield view.raw(i)
 
 
 def shard_members(path: str | os.PathLike) -> list[tuple[str, str, int, int]]:
@@ -433,12 +416,8 @@ def shard_members(path: str | os.PathLike) -> list[tuple[str, str, int, int]]:
     malformed tar (not a tar at all, bad checksum, pax/GNU headers, a member without an extension, a
     duplicate member), ``OSError`` when the file cannot be opened. A valid tar without members gives ``[]``.
     """
-    shard = str(path)
-    f, mm = _open_map(path)
-    try:
-        return [(key, ext, off, size) for key, members in _walk_tar(mm, shard) for ext, (off, size) in members.items()]
-    finally:
-        _close_map(f, mm)
+    with ShardView(path) as view:
+        return view.members()
 
 
 @dataclass
@@ -561,12 +540,20 @@ class ShardView:
             objs = [decode_json(mm[o:o + s], shard=shard, key=k) for k, (o, s) in zip(keys, locs)]
         return objs
 
-    def raw(self, i: int) -> dict[str, Any]:
-        """Sample ``i`` as raw member bytes ``{"__key__", "__url__", ext: bytes, ...}``."""
+    def members(self) -> list[tuple[str, str, int, int]]:
+        """``[(key, extension, payload offset, size), ...]`` of every member, in tar order."""
+        return [(key, ext, off, size) for key, members in self._samples for ext, (off, size) in members.items()]
+
+    def raw(self, i: int, exts: Sequence[str] | None = None) -> dict[str, Any]:
+        """Sample ``i`` as raw member bytes ``{"__key__", "__url__", ext: bytes, ...}`` (only the members in
+        ``exts`` when given)."""
         key, members = self._samples[int(i)]
         out: dict[str, Any] = {"__key__": key, "__url__": self.shard}
-        for ext, (o, size) in members.items():
-            out[ext] = self._mm[o:o + size]
+        mm = self._mm
+        for ext in members if exts is None else exts:
+            loc = members.get(ext)
+            if loc is not None:
+                out[ext] = mm[loc[0]:loc[0] + loc[1]]
         return out
 
 
